@@ -1,0 +1,15 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mobilevlm_ros",
+    version="0.1.0",
+    description="MobileVLM vision-language inference for ROS 2 robots",
+    packages=find_packages(include=["mobilevlm_ros", "mobilevlm_ros.*"]),
+    python_requires=">=3.10",
+    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch"],
+    entry_points={
+        "console_scripts": [
+            "mobilevlm-ask = mobilevlm_ros.cli.ask:main",
+        ],
+    },
+)
