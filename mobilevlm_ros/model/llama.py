@@ -1,0 +1,148 @@
+"""MobileLLaMA (a plain LLaMA) with a preallocated static KV cache, in the spirit of gpt-fast's model.py.
+
+Parameter names are the Hugging Face LlamaForCausalLM ones (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
+...) so the published weights load as they are. The cache is allocated once for ``max_seq_len`` positions:
+prefill writes the whole prompt, then each decode step writes one position and attends over the filled prefix.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LlamaConfig
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and cast back before the gain, as the reference does for half precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(max_seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin [max_seq_len, head_dim] for rotate-half RoPE, computed in float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        d, kv = config.hidden_size, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+        b, t, d = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.kv_cache is not None, "call setup_cache() before forward()"
+        k, v = self.kv_cache.update(input_pos, k, v)
+        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        if t == 1:  # one new token sees the whole filled prefix: no mask needed
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = FeedForward(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MobileLlama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.max_seq_len = 0
+
+    def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:
+        """Allocate the KV cache and RoPE tables once; later requests reuse them."""
+        max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
+        if max_seq_len == self.max_seq_len:
+            return
+        weight = self.lm_head.weight
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch, max_seq_len, self.config.num_kv_heads, self.config.head_dim,
+                                               weight.dtype, weight.device)
+        cos, sin = rope_tables(max_seq_len, self.config.head_dim, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos.to(weight.device, weight.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(weight.device, weight.dtype), persistent=False)
+        self.max_seq_len = max_seq_len
+
+    def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+        """embeds [B, T, D] at positions input_pos [T]; kv_len = positions filled after this call.
+
+        Returns the logits of the last position only [B, V]: generation never needs the others.
+        """
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_len)
+        return self.lm_head(self.norm(x[:, -1]))

@@ -1,0 +1,59 @@
+"""MobileVLM: CLIP vision tower -> projector -> MobileLLaMA, with the image spliced into the prompt."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .clip import CLIPVisionTower
+from .config import MobileVLMConfig
+from .llama import MobileLlama
+from .projector import build_projector
+
+IMAGE_TOKEN_INDEX = -200  # the reference's sentinel id for "the image goes here"
+
+
+class MobileVLM(nn.Module):
+    def __init__(self, config: MobileVLMConfig):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionTower(config.vision, config.vision_layers_needed,
+                                            keep_cls=config.vision_select_feature == "cls_patch")
+        self.mm_projector = build_projector(config)
+        self.llm = MobileLlama(config.llama)
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, 336, 336] -> visual tokens [B, 144, H] in the decoder's dtype."""
+        features = self.vision_tower(pixel_values)
+        return self.mm_projector(features.to(self.llm.embed_tokens.weight.dtype))
+
+    def embed_prompt(self, input_ids: list[int], image_tokens: Tensor | None) -> Tensor:
+        """Token embeddings with each IMAGE_TOKEN_INDEX slot replaced by the visual tokens: [1, L', H]."""
+        embed = self.llm.embed_tokens
+        device = embed.weight.device
+        pieces: list[Tensor] = []
+        text: list[int] = []
+        images_used = 0
+        for token in input_ids:
+            if token != IMAGE_TOKEN_INDEX:
+                text.append(token)
+                continue
+            if image_tokens is None or images_used >= image_tokens.shape[0]:
+                raise ValueError("the prompt has more <image> slots than images were given")
+            if text:
+                pieces.append(embed(torch.tensor(text, device=device)))
+                text = []
+            pieces.append(image_tokens[images_used])
+            images_used += 1
+        if text:
+            pieces.append(embed(torch.tensor(text, device=device)))
+        return torch.cat(pieces)[None]
+
+    def prefill(self, embeds: Tensor) -> Tensor:
+        """Run the whole prompt from position 0; returns the last position's logits [1, V]."""
+        t = embeds.shape[1]
+        return self.llm(embeds, torch.arange(t, device=embeds.device), t)
+
+    def decode_step(self, token: Tensor, pos: int) -> Tensor:
+        """One new token [1] at position pos, attending over the cache; returns logits [1, V]."""
+        input_pos = torch.tensor([pos], device=token.device)
+        return self.llm(self.llm.embed_tokens(token)[None], input_pos, pos + 1)
