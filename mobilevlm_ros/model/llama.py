@@ -68,19 +68,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int) -> Tensor:
         b, t, d = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        assert self.kv_cache is not None, "call setup_cache() before forward()"
-        k, v = self.kv_cache.update(input_pos, k, v)
-        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        if t == 1:  # one new token sees the whole filled prefix: no mask needed
+        if self.kv_cache is None:  # training: the sequence attends causally to itself, nothing is kept
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif t == 1:  # one new token sees the whole filled prefix: no mask needed
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]
@@ -107,7 +109,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -146,3 +148,14 @@ class MobileLlama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, kv_len)
         return self.lm_head(self.norm(x[:, -1]))
+
+    def forward_all(self, embeds: Tensor) -> Tensor:
+        """Causal forward over whole sequences from position 0 without the cache (training): logits [B, T, V]."""
+        assert self.max_seq_len == 0, "forward_all is for models without a KV cache (training)"
+        t = embeds.shape[1]
+        cos, sin = rope_tables(t, self.config.head_dim, self.config.rope_theta)
+        cos, sin = cos.to(embeds), sin.to(embeds)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, t)
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,84 @@
+"""mobilevlm-ask: try a MobileVLM checkpoint on one image, without ROS."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ..model import CheckpointError, MobileVLMPipeline, PromptTooLongError, SamplingParams
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mobilevlm-ask", description=__doc__)
+    p.add_argument("question", nargs="?", help="the question (omit when --chat is given)")
+    p.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
+    p.add_argument("--vision-tower", help="CLIP directory, overriding config.json's mm_vision_tower")
+    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--chat", help="JSON list of turns: user, assistant, ..., user (the image goes with the first)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length in positions")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")
+    return p
+
+
+def _turns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    if args.chat is None:
+        if not args.question:
+            parser.error("give a QUESTION or --chat FILE")
+        return [args.question]
+    if args.question:
+        parser.error("give either a QUESTION or --chat FILE, not both")
+    try:
+        turns = json.loads(Path(args.chat).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SystemExit(f"mobilevlm-ask: cannot read --chat file: {e}") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"mobilevlm-ask: {args.chat}: not valid JSON: {e}") from None
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns) or len(turns) % 2 != 1:
+        raise SystemExit(f"mobilevlm-ask: {args.chat}: expected a JSON list of strings alternating user and "
+                         "assistant, starting and ending with a user turn")
+    return turns
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    turns = _turns(args, parser)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        print(f"mobilevlm-ask: cannot read image {args.image}: {e}", file=sys.stderr)
+        return 2
+    try:
+        vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len)
+        answer = vlm.ask(image, turns, params,
+                         on_text=None if args.json else lambda piece: print(piece, end="", flush=True))
+    except (CheckpointError, PromptTooLongError, ValueError) as e:
+        print(f"mobilevlm-ask: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"answer": answer.text, "input_ids": answer.input_ids,
+                          "generated_ids": answer.generated_ids, "stopped_by": answer.stopped_by,
+                          "timings": answer.timings}, ensure_ascii=False))
+    else:
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
