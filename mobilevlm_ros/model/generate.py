@@ -61,14 +61,24 @@ def finish_text(text: str) -> str:
 def _streamable(text: str) -> str:
     """The part of a partial answer that later tokens cannot change.
 
-    An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives, and a trailing '<', '</' or '</s'
-    may still become the stop string, so both are held back.
+    An incomplete UTF-8 sequence decodes to U+FFFD until its last byte arrives, a trailing '<', '</' or '</s'
+    may still become the stop string, and trailing whitespace is stripped from a final answer: all are held back.
     """
-    text = text.lstrip().rstrip("\ufffd")
+    text = text.strip().rstrip("\ufffd").rstrip()
     for n in range(len(STOP_STR) - 1, 0, -1):
         if text.endswith(STOP_STR[:n]):
             return text[:-n]
     return text
+
+
+def stop_reason(ids: list[int], tokenizer: Tokenizer) -> str | None:
+    """'eos' or 'stop_str' when the answer so far is complete, else None."""
+    if ids[-1] == tokenizer.eos_id:
+        return "eos"
+    # The reference's KeywordsStoppingCriteria looks for the stop string in the last three tokens' text.
+    if STOP_STR in tokenizer.decode(ids[-3:]):
+        return "stop_str"
+    return None
 
 
 @dataclass
@@ -104,14 +114,10 @@ def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: Sam
     streamed = ""
     stopped_by = "max_new_tokens"
     while True:
-        token_id = int(token.item())
-        ids.append(token_id)
-        if token_id == tokenizer.eos_id:
-            stopped_by = "eos"
-            break
-        # The reference's KeywordsStoppingCriteria looks for the stop string in the last three tokens' text.
-        if STOP_STR in tokenizer.decode(ids[-3:]):
-            stopped_by = "stop_str"
+        ids.append(int(token.item()))
+        reason = stop_reason(ids, tokenizer)
+        if reason:
+            stopped_by = reason
             break
         if on_text is not None:
             stable = _streamable(tokenizer.decode(ids))

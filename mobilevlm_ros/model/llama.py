@@ -68,7 +68,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
+                mask_cache: bool = False) -> Tensor:
         b, t, d = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -82,7 +83,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if self.kv_cache is None:  # training: the sequence attends causally to itself, nothing is kept
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif t == 1:  # one new token sees the whole filled prefix: no mask needed
+        elif t == 1 and not mask_cache:  # one new token sees the whole filled prefix: no mask needed
             y = F.scaled_dot_product_attention(q, k, v)
         else:
             mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]
@@ -109,8 +110,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
+                mask_cache: bool = False) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -138,15 +140,18 @@ class MobileLlama(nn.Module):
         self.register_buffer("rope_sin", sin.to(weight.device, weight.dtype), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int) -> Tensor:
+    def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int, mask_cache: bool = False) -> Tensor:
         """embeds [B, T, D] at positions input_pos [T]; kv_len = positions filled after this call.
 
         Returns the logits of the last position only [B, V]: generation never needs the others.
+        mask_cache=True attends over the first kv_len cache positions with a mask (cache position <= input_pos)
+        instead of relying on kv_len being exact, so kv_len may be any fixed bound: the shapes then no longer
+        change from step to step, which a CUDA graph needs (see cuda_graph.py).
         """
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len)
+            x = layer(x, cos, sin, input_pos, kv_len, mask_cache)
         return self.lm_head(self.norm(x[:, -1]))
 
     def forward_all(self, embeds: Tensor) -> Tensor:

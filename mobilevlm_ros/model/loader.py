@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,21 +138,31 @@ def load_model(model_dir: str | Path, vision_tower: str | Path | None = None, de
                               "inside it or in the working directory; pass the CLIP directory explicitly")
     # else: V2 keeps its embedded tower; without a CLIP directory the ViT-L/14 @336 defaults describe it.
 
+    sources = [(path, "checkpoint", read_tensors(path)) for path in weight_files(model_dir)]
+    if not embedded_vision:
+        sources += [(path, "clip", read_tensors(path)) for path in weight_files(clip_dir)]
+    return build_model(config, sources, device, torch_dtype), tokenizer
+
+
+def build_model(config: MobileVLMConfig, sources: list[tuple[Path, str, Iterable[tuple[str, torch.Tensor]]]],
+                device: str | torch.device, dtype: torch.dtype) -> MobileVLM:
+    """Assign checkpoint tensors into a MobileVLM built on the meta device.
+
+    sources: (file, kind, tensors) with kind "checkpoint" (a MobileVLM weight file) or "clip" (a CLIP directory's
+    weights, used for the vision tower instead of the checkpoint's embedded copy).
+    """
+    embedded_vision = all(kind == "checkpoint" for _, kind, _ in sources)
     with torch.device("meta"):
         model = MobileVLM(config)
     expected = model.state_dict()
-    sources = [(path, embedded_vision) for path in weight_files(model_dir)]
-    if not embedded_vision:
-        sources += [(path, None) for path in weight_files(clip_dir)]
-
     state: dict[str, torch.Tensor] = {}
-    for path, embedded in sources:
-        for key, tensor in read_tensors(path):
-            if embedded is None:  # a CLIP directory: a CLIPVisionModel or a whole CLIPModel (text half unused)
+    for path, kind, tensors in sources:
+        for key, tensor in tensors:
+            if kind == "clip":  # a CLIPVisionModel or a whole CLIPModel (its text half is unused)
                 name = _vision_name(key[len(CLIP_DIR_VISION_PREFIX):], config) \
                     if key.startswith(CLIP_DIR_VISION_PREFIX) else None
             else:
-                name = _target_name(key, config, embedded)
+                name = _target_name(key, config, embedded_vision)
             if name is None:
                 continue
             if name not in expected:
@@ -163,12 +173,11 @@ def load_model(model_dir: str | Path, vision_tower: str | Path | None = None, de
                         if name.endswith("embed_tokens.weight") or name.endswith("lm_head.weight") else "")
                 raise CheckpointError(path, f"shape mismatch for {key!r}: checkpoint {list(tensor.shape)}, "
                                             f"model expects {list(want)}{hint}")
-            state[name] = tensor.to(device=device, dtype=torch_dtype if tensor.is_floating_point() else None)
+            state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
     missing = sorted(set(expected) - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        where = ", ".join(str(p) for p, _ in sources)
-        raise CheckpointError(where, f"missing keys: {shown}")
+        raise CheckpointError(", ".join(str(path) for path, _, _ in sources), f"missing keys: {shown}")
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), tokenizer
+    return model.eval()
 

@@ -1,0 +1,92 @@
+"""Generation controls on the real tiny checkpoints: sampling, seeds, stopping, cancelling, context limits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CHECKPOINTS, REFERENCE, golden_cases
+from mobilevlm_ros.model import MobileVLMPipeline, PromptTooLongError, SamplingParams
+from mobilevlm_ros.model.generate import finish_text, stop_reason
+
+IMAGE = Image.open(REFERENCE / "images" / "img0_street_500x300_rgb.png")
+QUESTION = "What is the robot doing on the street?"
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny")
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(vlm):
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, seed=7)
+    first = vlm.ask(IMAGE, QUESTION, params).generated_ids
+    assert vlm.ask(IMAGE, QUESTION, params).generated_ids == first
+    others = {tuple(vlm.ask(IMAGE, QUESTION, SamplingParams(12, 1.5, seed=s)).generated_ids) for s in range(1, 5)}
+    assert len(others | {tuple(first)}) > 1
+
+
+@pytest.mark.parametrize("params", [SamplingParams(16, temperature=1.0, top_k=1, seed=3),
+                                    SamplingParams(16, temperature=1.0, top_p=1e-6, seed=3)])
+def test_top_k_1_and_tiny_top_p_reduce_to_greedy(vlm, params):
+    greedy = golden_cases("MobileVLM_V2-tiny")[0]["generated_ids"]
+    assert vlm.ask(IMAGE, QUESTION, params).generated_ids == greedy
+
+
+def test_cancel_stops_within_one_token(vlm):
+    pieces: list[str] = []
+    answer = vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=16), on_text=pieces.append,
+                     cancelled=lambda: len(pieces) >= 3)
+    assert answer.stopped_by == "cancelled"
+    assert len(answer.generated_ids) <= 4  # pieces can lag tokens by one held-back byte piece
+
+
+def test_eos_stops_generation():
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny")
+    with torch.no_grad():
+        vlm.model.llm.lm_head.weight[vlm.tokenizer.eos_id] = 10 * vlm.model.llm.lm_head.weight.abs().max()
+        vlm.model.llm.lm_head.weight[vlm.tokenizer.eos_id] *= torch.sign(vlm.model.llm.lm_head.weight[5])
+    answer = vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=16))
+    # Whatever the hidden state, EOS now wins within a step or two and ends the answer there.
+    assert answer.stopped_by == "eos" and answer.generated_ids[-1] == vlm.tokenizer.eos_id
+    assert len(answer.generated_ids) < 16
+
+
+def test_stop_string_window_and_post_processing(vlm):
+    tok = vlm.tokenizer
+    # This vocabulary spells "</s>" as four pieces ('<0x3C>', '/', 's', '<0x3E>'); the reference's
+    # KeywordsStoppingCriteria decodes only the last three tokens, so it does not stop on it, and neither do we.
+    text_ids = tok.sp.encode("It is red.</s>")
+    assert tok.decode(text_ids).endswith("</s>")
+    assert stop_reason(text_ids, tok) is None
+    assert stop_reason(tok.encode("red", bos=False), tok) is None
+    assert stop_reason([5, tok.eos_id], tok) == "eos"
+    # ... and the answer text is post-processed as the reference's inference script does.
+    assert finish_text(tok.decode(text_ids)) == "It is red."
+    assert finish_text("  red </s> ") == "red"
+
+
+def test_prompt_too_long_is_refused_before_any_work():
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny", max_seq_len=256)
+    ids = vlm.prompt_ids(QUESTION)
+    fits = 256 - (len(ids) - 1 + 144)
+    vlm.check_fits(ids, fits)
+    with pytest.raises(PromptTooLongError, match=r"needs 257 positions .* context holds 256"):
+        vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=fits + 1))
+    with pytest.raises(PromptTooLongError):
+        vlm.ask(IMAGE, "word " * 200, SamplingParams(max_new_tokens=1))
+
+
+@pytest.mark.parametrize("params,message", [
+    (SamplingParams(max_new_tokens=0), "max_new_tokens"), (SamplingParams(temperature=-1), "temperature"),
+    (SamplingParams(top_p=0), "top_p"), (SamplingParams(top_k=-2), "top_k")])
+def test_bad_sampling_params(vlm, params, message):
+    with pytest.raises(ValueError, match=message):
+        vlm.ask(IMAGE, QUESTION, params)
+
+
+def test_reuses_the_cache_across_requests(vlm):
+    """A long answer followed by a short one: stale cache entries past the prompt must not leak in."""
+    cases = golden_cases("MobileVLM_V2-tiny")
+    vlm.ask(IMAGE, cases[4]["turns"], SamplingParams(max_new_tokens=16))
+    assert vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=16)).generated_ids == cases[0]["generated_ids"]
