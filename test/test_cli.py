@@ -1,0 +1,50 @@
+"""mobilevlm-ask's handling of expected problems: a clear message on stderr, non-zero exit, no traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CHECKPOINTS, REFERENCE
+
+MODEL = str(CHECKPOINTS / "MobileVLM_V2-tiny")
+IMAGE = str(REFERENCE / "images" / "img0_street_500x300_rgb.png")
+
+
+def ask(*args: str, tmp_path=None):
+    proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.cli.ask", *args], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_streams_plain_text_answer():
+    proc = ask("--model", MODEL, "--image", IMAGE, "--max-new-tokens", "16", "What is the robot doing on the street?")
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", MODEL, "--image", "/nonexistent.png", "q"], "cannot read image /nonexistent.png"),
+    (["--model", MODEL, "--image", str(REFERENCE / "README.md"), "q"], "cannot read image"),
+    (["--model", "/nonexistent", "--image", IMAGE, "q"], "/nonexistent: model directory not found"),
+    (["--model", MODEL, "--image", IMAGE], "give a QUESTION or --chat FILE"),
+    (["--model", MODEL, "--image", IMAGE, "--temperature", "-1", "q"], "temperature must be >= 0"),
+    (["--model", MODEL, "--image", IMAGE, "--dtype", "int3", "q"], "invalid choice: 'int3'"),
+    (["--model", MODEL, "--image", IMAGE, "--max-seq-len", "160", "q"], "context holds 160"),
+    (["--model", MODEL, "--image", IMAGE, "--chat", "/nonexistent.json"], "cannot read --chat file"),
+])
+def test_errors_are_reported_cleanly(args, message):
+    proc = ask(*args)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_bad_chat_files(tmp_path):
+    for content, message in (("not json", "not valid JSON"), ('["q", "a"]', "ending with a user turn"),
+                             ('{"q": 1}', "JSON list of strings")):
+        chat = tmp_path / "chat.json"
+        chat.write_text(content)
+        proc = ask("--model", MODEL, "--image", IMAGE, "--chat", str(chat))
+        assert proc.returncode != 0 and message in proc.stderr
