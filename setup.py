@@ -6,7 +6,10 @@ setup(
     description="MobileVLM vision-language inference for ROS 2 robots",
     packages=find_packages(include=["mobilevlm_ros", "mobilevlm_ros.*"]),
     python_requires=">=3.10",
-    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch"],
+    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.1"],
+    extras_require={
+        "test": ["pytest", "rosbags"],
+    },
     entry_points={
         "console_scripts": [
             "mobilevlm-ask = mobilevlm_ros.cli.ask:main",

@@ -35,8 +35,8 @@ def test_top_k_1_and_tiny_top_p_reduce_to_greedy(vlm, params):
 
 def test_cancel_stops_within_one_token(vlm):
     pieces: list[str] = []
-    answer = vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=16), on_text=pieces.append,
-                     cancelled=lambda: len(pieces) >= 3)
+    answer = vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=16),
+                     on_text=lambda piece, _: pieces.append(piece), cancelled=lambda: len(pieces) >= 3)
     assert answer.stopped_by == "cancelled"
     assert len(answer.generated_ids) <= 4  # pieces can lag tokens by one held-back byte piece
 

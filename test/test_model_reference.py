@@ -95,7 +95,8 @@ def test_greedy_generation_python_api(pipelines, checkpoint, case):
     vlm = pipelines[checkpoint]
     pieces: list[str] = []
     answer = vlm.ask(Image.open(REFERENCE / case["image"]), case["turns"],
-                     SamplingParams(max_new_tokens=len(case["generated_ids"])), on_text=pieces.append)
+                     SamplingParams(max_new_tokens=len(case["generated_ids"])),
+                     on_text=lambda piece, _: pieces.append(piece))
     assert answer.input_ids == case["input_ids"]
     assert answer.generated_ids == case["generated_ids"]
     assert answer.text == case["output_text"]

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len)
         answer = vlm.ask(image, turns, params,
-                         on_text=None if args.json else lambda piece: print(piece, end="", flush=True))
+                         on_text=None if args.json else lambda piece, _: print(piece, end="", flush=True))
     except (CheckpointError, PromptTooLongError, ValueError) as e:
         print(f"mobilevlm-ask: {e}", file=sys.stderr)
         return 2

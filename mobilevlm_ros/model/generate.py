@@ -98,9 +98,10 @@ def _now(device: torch.device) -> float:
 
 @torch.inference_mode()
 def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: SamplingParams,
-             on_text: Callable[[str], None] | None = None,
+             on_text: Callable[[str, int], None] | None = None,
              cancelled: Callable[[], bool] | None = None) -> Generation:
-    """Generate from prompt embeddings [1, T, H]. on_text gets each new stable piece of the answer;
+    """Generate from prompt embeddings [1, T, H]. on_text gets each new stable piece of the answer and the number
+    of tokens generated so far;
     cancelled is polled between tokens, so a cancel takes effect within one token."""
     device = embeds.device
     generator = None
@@ -122,7 +123,7 @@ def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: Sam
         if on_text is not None:
             stable = _streamable(tokenizer.decode(ids))
             if stable.startswith(streamed) and len(stable) > len(streamed):
-                on_text(stable[len(streamed):])
+                on_text(stable[len(streamed):], len(ids))
                 streamed = stable
         if len(ids) >= params.max_new_tokens:
             break
@@ -134,6 +135,6 @@ def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: Sam
     end = _now(device)
     text = finish_text(tokenizer.decode(ids))
     if on_text is not None and text.startswith(streamed) and len(text) > len(streamed):
-        on_text(text[len(streamed):])
+        on_text(text[len(streamed):], len(ids))
     return Generation(ids=ids, text=text, stopped_by=stopped_by,
                       prefill_ms=(first - start) * 1e3, decode_ms=(end - first) * 1e3)

@@ -63,7 +63,7 @@ class MobileVLMPipeline:
     @torch.inference_mode()
     def ask(self, image: Image.Image | np.ndarray, turns: str | Sequence[str],
             params: SamplingParams = SamplingParams(),
-            on_text: Callable[[str], None] | None = None,
+            on_text: Callable[[str, int], None] | None = None,
             cancelled: Callable[[], bool] | None = None) -> Answer:
         """Answer the last user turn about the image. turns: one question, or user/assistant/.../user texts."""
         params.validate()

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set up .venv (scripts/setup.sh), then run pytest. Extra arguments go to
+# pytest (e.g. bash scripts/test.sh -k loader).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$REPO/.venv}
+bash "$REPO/scripts/setup.sh"
+cd "$REPO"
+exec "$VENV/bin/python" -m pytest test -q -p no:cacheprovider "$@"
