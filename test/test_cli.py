@@ -30,7 +30,7 @@ def test_streams_plain_text_answer():
     (["--model", MODEL, "--image", str(REFERENCE / "README.md"), "q"], "cannot read image"),
     (["--model", "/nonexistent", "--image", IMAGE, "q"], "/nonexistent: model directory not found"),
     (["--model", MODEL, "--image", IMAGE], "give a QUESTION or --chat FILE"),
-    (["--model", MODEL, "--image", IMAGE, "--temperature", "-1", "q"], "temperature must be >= 0"),
+    (["--model", MODEL, "--image", IMAGE, "--temperature", "-1", "q"], "temperature must be a finite number >= 0"),
     (["--model", MODEL, "--image", IMAGE, "--dtype", "int3", "q"], "invalid choice: 'int3'"),
     (["--model", MODEL, "--image", IMAGE, "--max-seq-len", "160", "q"], "context holds 160"),
     (["--model", MODEL, "--image", IMAGE, "--chat", "/nonexistent.json"], "cannot read --chat file"),

@@ -79,6 +79,7 @@ def test_prompt_too_long_is_refused_before_any_work():
 
 @pytest.mark.parametrize("params,message", [
     (SamplingParams(max_new_tokens=0), "max_new_tokens"), (SamplingParams(temperature=-1), "temperature"),
+    (SamplingParams(temperature=float("nan")), "temperature"),
     (SamplingParams(top_p=0), "top_p"), (SamplingParams(top_k=-2), "top_k")])
 def test_bad_sampling_params(vlm, params, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,342 @@
+"""The serving core without ROS: request validation, one inference worker behind a bounded queue, captions, stats.
+
+The node (``mobilevlm_ros.node``) turns service calls, action goals and timer ticks into :class:`SceneRequest` s and
+hands them to :class:`SceneServer`; everything that decides *what* happens to a request lives here, so it is the
+same for the plain node, the lifecycle node and any other front end.
+
+Threading: ``submit`` never blocks (a full queue answers BUSY at once); the model runs only on the worker thread;
+a job's ``done`` event is set exactly once, on every path (answer, error, cancel, shutdown), so no caller waits
+forever.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .camera import FrameError, FrameStore, Frame
+from .model import PromptTooLongError, SamplingParams
+
+
+class ErrorCode:
+    """The error_code strings of the AskScene service and action (empty on success)."""
+
+    UNKNOWN_CAMERA = "UNKNOWN_CAMERA"
+    NO_FRAME = "NO_FRAME"
+    STALE_FRAME = "STALE_FRAME"
+    UNSUPPORTED_ENCODING = "UNSUPPORTED_ENCODING"
+    BAD_FRAME = "BAD_FRAME"
+    BAD_REQUEST = "BAD_REQUEST"
+    PROMPT_TOO_LONG = "PROMPT_TOO_LONG"
+    BUSY = "BUSY"
+    CANCELLED = "CANCELLED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    NOT_ACTIVE = "NOT_ACTIVE"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+
+
+@dataclass(frozen=True)
+class SceneRequest:
+    question: str
+    camera_id: str = ""  # empty: the default camera
+    max_new_tokens: int = 0  # 0: the server's default
+    temperature: float = -1.0  # negative: the server's default; 0: greedy
+
+
+@dataclass
+class SceneResult:
+    success: bool
+    error_code: str = ""
+    error_message: str = ""
+    answer: str = ""
+    camera_id: str = ""
+    frame: Frame | None = None  # the frame answered about: its stamp and frame_id go into the response header
+    tokens_generated: int = 0
+    vision_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Job:
+    """One accepted (or immediately answered) request. ``wait`` returns its result; ``cancel`` is honoured within
+    one generated token."""
+
+    def __init__(self, request: SceneRequest, camera_id: str, params: SamplingParams,
+                 on_text: Callable[[str, str, int], None] | None = None, is_caption: bool = False,
+                 not_before_seq: int = -1):
+        self.request = request
+        self.camera_id = camera_id
+        self.params = params
+        self.on_text = on_text  # (text_delta, partial_answer, tokens_so_far)
+        self.is_caption = is_caption
+        self.not_before_seq = not_before_seq
+        self.submitted = time.monotonic()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self.result: SceneResult | None = None
+        self._done_callbacks: list[Callable[[Job], None]] = []
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def finish(self, result: SceneResult) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self.result = result
+            self._done.set()
+            callbacks = list(self._done_callbacks)
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable[[Job], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(callback)
+                return
+        callback(self)
+
+    def wait(self, timeout: float | None = None) -> SceneResult | None:
+        self._done.wait(timeout)
+        return self.result
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+def _failure(code: str, message: str, camera_id: str = "", frame: Frame | None = None) -> SceneResult:
+    return SceneResult(success=False, error_code=code, error_message=message, camera_id=camera_id, frame=frame)
+
+
+@dataclass
+class ServerConfig:
+    cameras: tuple[str, ...]
+    default_camera: str
+    max_frame_age_s: float = 1.0
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    queue_length: int = 4
+    max_question_chars: int = 2000
+    latency_window: int = 200  # requests kept for the latency percentiles
+
+
+@dataclass
+class Stats:
+    """Counters and recent latencies for /diagnostics."""
+
+    answered: int = 0
+    rejected_busy: int = 0
+    failed: int = 0  # requests answered with any error other than BUSY
+    inference_failed: int = 0
+    captions: int = 0
+    captions_skipped: int = 0
+    latencies: dict[str, deque] = field(default_factory=dict)
+
+    def record(self, result: SceneResult, window: int) -> None:
+        for name in ("vision_ms", "prefill_ms", "decode_ms", "total_ms"):
+            self.latencies.setdefault(name, deque(maxlen=window)).append(getattr(result, name))
+
+    def percentiles(self) -> dict[str, tuple[float, float, float]]:
+        """p50, p90, p99 of each stage over the recent window."""
+        out = {}
+        for name, values in self.latencies.items():
+            ordered = sorted(values)
+            pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+            out[name] = (pick(0.5), pick(0.9), pick(0.99))
+        return out
+
+
+class SceneServer:
+    def __init__(self, pipeline, frames: FrameStore, config: ServerConfig,
+                 clock: Callable[[], float] = time.monotonic):
+        self.pipeline = pipeline
+        self.frames = frames
+        self.config = config
+        self.clock = clock
+        self.stats = Stats()
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=config.queue_length)
+        self._stats_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._current: Job | None = None
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="mobilevlm-inference", daemon=True)
+        self._worker.start()
+
+    # --- submission (any thread, never blocks) -------------------------------------------------------------
+    def submit(self, request: SceneRequest,
+               on_text: Callable[[str, str, int], None] | None = None) -> Job:
+        """Validate and enqueue. Problems known up front come back as a job that is already done."""
+        camera_id = request.camera_id or self.config.default_camera
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens or self.config.max_new_tokens,
+            temperature=self.config.temperature if request.temperature < 0 else request.temperature)
+        job = Job(request, camera_id, params, on_text)
+        problem = self._check(request, camera_id, params)
+        if problem is None:
+            problem = self._enqueue(job)
+        if problem is not None:
+            self._finish(job, problem)
+        return job
+
+    def submit_caption(self, camera_id: str, prompt: str, max_new_tokens: int,
+                       last_seq: int) -> Job | None:
+        """A caption of the newest frame, only if the worker is idle and the frame is newer than last_seq:
+        captions never queue behind (or ahead of) questions and never repeat an unchanged frame."""
+        frame = self.frames.latest(camera_id)
+        if frame is None or frame.seq <= last_seq or self._stale(frame):
+            return None
+        with self._state_lock:
+            if self._closed or self._current is not None or not self._queue.empty():
+                with self._stats_lock:
+                    self.stats.captions_skipped += 1
+                return None
+            job = Job(SceneRequest(prompt, camera_id), camera_id, SamplingParams(max_new_tokens=max_new_tokens),
+                      is_caption=True, not_before_seq=frame.seq)
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                return None
+        return job
+
+    def _check(self, request: SceneRequest, camera_id: str, params: SamplingParams) -> SceneResult | None:
+        question = request.question.strip()
+        if not question:
+            return _failure(ErrorCode.BAD_REQUEST, "the question is empty", camera_id)
+        if len(request.question) > self.config.max_question_chars:
+            return _failure(ErrorCode.BAD_REQUEST, f"the question has {len(request.question)} characters; "
+                            f"the limit is {self.config.max_question_chars}", camera_id)
+        try:
+            params.validate()
+        except ValueError as e:
+            return _failure(ErrorCode.BAD_REQUEST, str(e), camera_id)
+        if camera_id not in self.config.cameras:
+            return _failure(ErrorCode.UNKNOWN_CAMERA, f"unknown camera {camera_id!r}; configured: "
+                            f"{', '.join(self.config.cameras)}", camera_id)
+        try:
+            self.pipeline.check_fits(self.pipeline.prompt_ids(question), params.max_new_tokens)
+        except PromptTooLongError as e:
+            return _failure(ErrorCode.PROMPT_TOO_LONG, str(e), camera_id)
+        return self._frame_problem(camera_id, self.frames.latest(camera_id))
+
+    def _stale(self, frame: Frame) -> bool:
+        return self.clock() - frame.received_monotonic > self.config.max_frame_age_s
+
+    def _frame_problem(self, camera_id: str, frame: Frame | None) -> SceneResult | None:
+        if frame is None:
+            return _failure(ErrorCode.NO_FRAME, f"no frame received yet from camera {camera_id!r}", camera_id)
+        age = self.clock() - frame.received_monotonic
+        if age > self.config.max_frame_age_s:
+            return _failure(ErrorCode.STALE_FRAME, f"the newest frame of camera {camera_id!r} was received "
+                            f"{age:.2f} s ago (max_frame_age_s {self.config.max_frame_age_s})", camera_id, frame)
+        return None
+
+    def _enqueue(self, job: Job) -> SceneResult | None:
+        with self._state_lock:
+            if self._closed:
+                return _failure(ErrorCode.SHUTTING_DOWN, "the node is shutting down", job.camera_id)
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                return _failure(ErrorCode.BUSY, f"{self.config.queue_length} requests are already waiting; "
+                                "try again later", job.camera_id)
+        return None
+
+    def _finish(self, job: Job, result: SceneResult) -> None:
+        with self._stats_lock:
+            if result.success:
+                self.stats.record(result, self.config.latency_window)
+                if job.is_caption:
+                    self.stats.captions += 1
+                else:
+                    self.stats.answered += 1
+            elif result.error_code == ErrorCode.BUSY:
+                self.stats.rejected_busy += 1
+            else:
+                self.stats.failed += 1
+                self.stats.inference_failed += result.error_code == ErrorCode.INFERENCE_FAILED
+        job.finish(result)
+
+    # --- the worker -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._state_lock:
+                self._current = job
+            try:
+                self._finish(job, self._answer(job))
+            except Exception as e:  # the worker must survive anything the model throws
+                self._finish(job, _failure(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {e}", job.camera_id))
+            finally:
+                with self._state_lock:
+                    self._current = None
+
+    def _answer(self, job: Job) -> SceneResult:
+        if job.cancelled:
+            return _failure(ErrorCode.CANCELLED, "cancelled before inference started", job.camera_id)
+        if self._closed:
+            return _failure(ErrorCode.SHUTTING_DOWN, "the node is shutting down", job.camera_id)
+        # The newest frame at the moment inference starts, not the one seen at submission: a request that waited
+        # in the queue must still answer about the present.
+        frame = self.frames.latest(job.camera_id)
+        problem = self._frame_problem(job.camera_id, frame)
+        if problem is not None:
+            return problem
+        try:
+            image = frame.rgb()
+        except FrameError as e:
+            return _failure(e.code, e.message, job.camera_id, frame)
+        partial: list[str] = []
+
+        def on_text(piece: str, tokens: int) -> None:
+            partial.append(piece)
+            if job.on_text is not None:
+                job.on_text(piece, "".join(partial), tokens)
+
+        answer = self.pipeline.ask(image, job.request.question.strip(), job.params, on_text=on_text,
+                                   cancelled=lambda: job.cancelled or self._closed)
+        t = answer.timings
+        result = SceneResult(success=True, answer=answer.text, camera_id=job.camera_id, frame=frame,
+                             tokens_generated=len(answer.generated_ids), vision_ms=t["preprocess_ms"] + t["vision_ms"],
+                             prefill_ms=t["prefill_ms"], decode_ms=t["decode_ms"],
+                             total_ms=(time.monotonic() - job.submitted) * 1e3)
+        if answer.stopped_by == "cancelled":
+            code, message = ((ErrorCode.SHUTTING_DOWN, "the node is shutting down") if self._closed
+                             else (ErrorCode.CANCELLED, "cancelled during generation"))
+            result.success, result.error_code, result.error_message = False, code, message
+        return result
+
+    # --- state for diagnostics and shutdown ------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def busy(self) -> bool:
+        with self._state_lock:
+            return self._current is not None or not self._queue.empty()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Refuse new work, answer every queued job with SHUTTING_DOWN, stop the running one within a token."""
+        with self._state_lock:
+            self._closed = True
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._finish(job, _failure(ErrorCode.SHUTTING_DOWN, "the node is shutting down", job.camera_id))
+        self._queue.put(None)
+        self._worker.join(timeout)
