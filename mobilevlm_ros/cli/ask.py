@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length in positions")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+                   help="vision encoder backend (engines are built once and cached under --engines)")
+    p.add_argument("--engines", default="engines", help="engine cache directory for --backend")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")
     return p
 
@@ -66,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len)
+        if args.backend != "torch":
+            from ..engines import make_visual_encoder
+
+            try:
+                vlm.encode_images = make_visual_encoder(args.backend, vlm.model, args.engines)
+            except RuntimeError as e:  # backend not installed, engine refused: an error message, not a traceback
+                raise ValueError(f"--backend {args.backend}: {e}") from None
         answer = vlm.ask(image, turns, params,
                          on_text=None if args.json else lambda piece, _: print(piece, end="", flush=True))
     except (CheckpointError, PromptTooLongError, ValueError) as e:
