@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Set up ROS 2 (Kilted, from PyPI wheels) in a Python venv and build this package's interfaces for development.
+#
+#   VENV=/path/to/venv bash scripts/setup_ros.sh     # default VENV: .venv in the repository root
+#
+# The venv must exist already (python3 -m venv); it need not be activated. Idempotent: a re-run skips every
+# step that is already done. What it does (see /work/shared/ROS_ENV.md for why):
+#   1. pip-installs the ROS 2 Kilted runtime and interface-build wheels (+ catkin-pkg, which ament_cmake_core
+#      needs to read package.xml and no wheel pulls in without colcon), and rosbags, if any is missing;
+#   2. rewrites the manylinux build container's include paths in the wheels' exported CMake files (once);
+#   3. builds msg/ srv/ action/ with plain CMake into build/ros/install (NOT into the venv: in development the
+#      working tree's mobilevlm_ros/ is the package, and an installed copy must not shadow it), skipped when a
+#      stamp keyed on the interface files, CMakeLists.txt, package.xml, this script, the venv and its ROS
+#      wheel versions matches;
+#   4. writes mobilevlm_ros_dev.pth into the venv's site-packages, which puts the repository root and then
+#      build/ros/install/.../site-packages on sys.path (so mobilevlm_ros/__init__.py is the working tree's and
+#      its pkgutil.extend_path adds the generated msg/srv/action modules), and adds build/ros/install/lib to
+#      LD_LIBRARY_PATH (rosidl's typesupport dispatch looks its libraries up there by name at run time);
+#   5. checks, in a fresh interpreter, that the types import and serialize and where mobilevlm_ros resolves to.
+set -euo pipefail
+
+t_start=$(date +%s%N)
+elapsed() { local ms=$((($(date +%s%N) - t_start) / 1000000)); printf '%d.%01d' $((ms / 1000)) $((ms % 1000 / 100)); }
+log() { echo "[setup_ros $(elapsed)s] $*"; }
+die() { echo "[setup_ros] error: $*" >&2; exit 1; }
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${VENV:-$REPO/.venv}
+[[ -d $VENV ]] || die "no venv at '$VENV' (create it first: python3 -m venv $VENV)"
+VENV=$(cd "$VENV" && pwd)
+PY=$VENV/bin/python
+[[ -x $PY ]] || die "$PY is missing"
+
+ROS_DIR=$REPO/build/ros
+SRC_DIR=$ROS_DIR/src
+BUILD_DIR=$ROS_DIR/build
+INSTALL_DIR=$ROS_DIR/install
+STAMP=$ROS_DIR/stamp
+
+# The wheels' .pth hook re-executes Python with the venv's library path unless this guard variable is set; one
+# inherited from a process of another venv would leave this venv's path out.
+unset _ROS_WHEELS_BOOTSTRAP_COMPLETE
+
+PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+log "venv $VENV (Python $PYVER), repository $REPO"
+
+# --- 1. wheels ------------------------------------------------------------------------------------------------
+WHEELS=(
+  ros-kilted-rclpy ros-kilted-rmw-fastrtps-cpp
+  ros-kilted-std-msgs ros-kilted-std-srvs ros-kilted-sensor-msgs ros-kilted-diagnostic-msgs
+  ros-kilted-lifecycle-msgs ros-kilted-action-msgs ros-kilted-builtin-interfaces
+  ros-kilted-ament-cmake ros-kilted-ament-package ros-kilted-ament-cmake-include-directories
+  ros-kilted-rosidl-default-generators ros-kilted-rosidl-core-generators ros-kilted-ament-cmake-ros-core
+  ros-kilted-ament-cmake-python
+  catkin-pkg rosbags numpy
+)
+missing=$("$PY" - "${WHEELS[@]}" <<'PYEOF'
+import sys
+from importlib import metadata
+for name in sys.argv[1:]:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        print(name)
+PYEOF
+)
+if [[ -n $missing ]]; then
+  log "pip install: $(echo $missing)"
+  # (the grep drops the warnings about this machine's local index mirrors that pip prints for each name)
+  "$PY" -m pip install --quiet --disable-pip-version-check "${WHEELS[@]}" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  log "wheels installed"
+else
+  log "wheels already installed"
+fi
+
+# --- 2. fix up the manylinux include paths in the wheels' exported CMake files ----------------------------------
+PY_INCLUDE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+NP_INCLUDE=$("$PY" -c 'import numpy; print(numpy.get_include())')
+bad_files=$(grep -rlE '/opt/python/cp3[0-9]+-cp3[0-9]+/(include|lib)' "$VENV/share" --include='*.cmake' || true)
+if [[ -n $bad_files ]]; then
+  # shellcheck disable=SC2086
+  sed -i -E \
+    -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#${PY_INCLUDE}#g" \
+    -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/(_core|core)/include#${NP_INCLUDE}#g" \
+    $bad_files
+  log "fixed include paths in $(echo "$bad_files" | wc -l) CMake files"
+fi
+
+# --- 3. build the interfaces ------------------------------------------------------------------------------------
+ros_versions=$("$PY" -c 'from importlib.metadata import version as v; print(v("ros-kilted-rclpy"), v("ros-kilted-rosidl-default-generators"))')
+hash=$(cd "$REPO" && {
+  echo "venv=$VENV python=$PYVER ros=$ros_versions"
+  for f in $(find msg srv action -type f 2>/dev/null | LC_ALL=C sort) CMakeLists.txt package.xml scripts/setup_ros.sh; do
+    echo "== $f"; cat "$f"
+  done
+} | sha256sum | cut -d' ' -f1)
+
+PYTHON_INSTALL_SITE=$INSTALL_DIR/lib/python$PYVER/site-packages
+if [[ -f $STAMP && $(cat "$STAMP") == "$hash" && -d $PYTHON_INSTALL_SITE/mobilevlm_ros ]]; then
+  log "interfaces up to date (stamp $STAMP)"
+else
+  log "building interfaces with CMake into $INSTALL_DIR"
+  rm -rf "$BUILD_DIR" "$INSTALL_DIR" "$STAMP" "$SRC_DIR"
+  # CMake refuses to export include directories that lie inside the source tree, and the venv's NumPy include
+  # directory does when the venv is inside the repository (.venv): configure from a directory of symlinks to the
+  # repository's top-level entries instead, whose path is no prefix of the venv's.
+  mkdir -p "$SRC_DIR"
+  for entry in "$REPO"/*; do
+    case ${entry##*/} in build | install | log) continue ;; esac
+    ln -s "$entry" "$SRC_DIR/${entry##*/}"
+  done
+  (
+    export PATH=$VENV/bin:$PATH
+    export AMENT_PREFIX_PATH=$VENV CMAKE_PREFIX_PATH=$VENV
+    # RPATH: $ORIGIN for our libraries in lib/, $ORIGIN/../../.. for the Python extension modules in
+    # lib/pythonX.Y/site-packages/mobilevlm_ros/, plus the venv's library directories they link against
+    # (USE_LINK_PATH), so they load without LD_LIBRARY_PATH.
+    cmake -S "$SRC_DIR" -B "$BUILD_DIR" \
+      -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_INSTALL_PREFIX="$INSTALL_DIR" \
+      -DBUILD_TESTING=OFF \
+      -DPython3_EXECUTABLE="$PY" \
+      -DMOBILEVLM_INSTALL_PYTHON_SOURCES=OFF \
+      '-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../../..' \
+      -DCMAKE_INSTALL_RPATH_USE_LINK_PATH=ON \
+      > "$ROS_DIR/cmake-configure.log" 2>&1 \
+      || { tail -n 40 "$ROS_DIR/cmake-configure.log" >&2; exit 1; }
+    cmake --build "$BUILD_DIR" -j "${SETUP_ROS_JOBS:-2}" > "$ROS_DIR/cmake-build.log" 2>&1 \
+      || { grep -E -m 20 -B 2 -A 8 'error|Error' "$ROS_DIR/cmake-build.log" >&2; exit 1; }
+    cmake --install "$BUILD_DIR" > "$ROS_DIR/cmake-install.log" 2>&1 \
+      || { tail -n 40 "$ROS_DIR/cmake-install.log" >&2; exit 1; }
+  ) || die "CMake build failed (logs in $ROS_DIR)"
+  [[ -d $PYTHON_INSTALL_SITE/mobilevlm_ros ]] || die "no $PYTHON_INSTALL_SITE/mobilevlm_ros after the install"
+  # The generated package directory holds an empty __init__.py; drop it, so that this directory is only a
+  # namespace portion: even with it before the working tree on sys.path, the import system then still picks
+  # the working tree's regular package, whose extend_path adds this directory.
+  rm -f "$PYTHON_INSTALL_SITE/mobilevlm_ros/__init__.py"
+  echo "$hash" > "$STAMP"
+  log "interfaces built"
+fi
+
+# --- 4. .pth: working tree first, then the generated modules; our libraries on LD_LIBRARY_PATH ----------------
+# rosidl's typesupport dispatch dlopen()s lib<pkg>__rosidl_typesupport_<impl>.so by bare name at run time, so the
+# dynamic loader must have build/ros/install/lib in LD_LIBRARY_PATH when the process starts: RPATH does not help
+# there, and setting the variable later in the process is ignored by the loader. The wheels'
+# ros_wheels_bootstrapper.pth re-executes the interpreter once with the venv's library path; our .pth sorts
+# before it, so our directory is added first and goes into that re-exec.
+PTH=$SITE/mobilevlm_ros_dev.pth
+HOOK=$SITE/_mobilevlm_ros_dev.py
+hook_content="\"\"\"Development paths of mobilevlm_ros: written by $REPO/scripts/setup_ros.sh, imported by mobilevlm_ros_dev.pth.
+
+Puts $INSTALL_DIR/lib on LD_LIBRARY_PATH before ros_wheels_bootstrapper.pth
+re-executes the interpreter with the venv's library path (.pth files run in name order), because rosidl's
+typesupport dispatch dlopen()s our typesupport libraries by bare name. A process that inherited the bootstrapper's
+guard variable but not our directory (e.g. a child of another venv's Python, or one started with a rewritten
+LD_LIBRARY_PATH) is re-executed here once without that guard, so both paths get set.
+\"\"\"
+import os
+import sys
+
+LIB = '$INSTALL_DIR/lib'
+_parts = [p for p in os.environ.get('LD_LIBRARY_PATH', '').split(os.pathsep) if p]
+if LIB not in _parts:
+    os.environ['LD_LIBRARY_PATH'] = os.pathsep.join([LIB, *_parts])
+    if os.environ.pop('_ROS_WHEELS_BOOTSTRAP_COMPLETE', None) and sys.executable:
+        os.execv(sys.executable, sys.orig_argv)"
+pth_content="$REPO
+$PYTHON_INSTALL_SITE
+import _mobilevlm_ros_dev"
+if [[ ! -f $HOOK || $(cat "$HOOK") != "$hook_content" ]]; then
+  printf '%s\n' "$hook_content" > "$HOOK"
+  log "wrote $HOOK"
+fi
+if [[ ! -f $PTH || $(cat "$PTH") != "$pth_content" ]]; then
+  printf '%s\n' "$pth_content" > "$PTH"
+  log "wrote $PTH"
+fi
+
+# --- 5. check in a fresh interpreter (no LD_LIBRARY_PATH, nothing sourced) --------------------------------------
+env -u LD_LIBRARY_PATH -u _ROS_WHEELS_BOOTSTRAP_COMPLETE -u PYTHONPATH "$PY" - "$REPO" <<'PYEOF' \
+  || die "the check failed: the interfaces do not import or load"
+import os, sys
+import mobilevlm_ros
+from mobilevlm_ros.msg import SceneCaption
+from mobilevlm_ros.srv import AskScene
+from mobilevlm_ros.action import AskScene as AskSceneAction
+from rclpy.serialization import deserialize_message, serialize_message
+
+repo = os.path.realpath(sys.argv[1])
+init = os.path.realpath(mobilevlm_ros.__file__)
+assert init == os.path.join(repo, "mobilevlm_ros", "__init__.py"), f"mobilevlm_ros resolves to {init}, not {repo}"
+for t, kw in ((SceneCaption, {"caption": "a cup"}), (AskScene.Response, {"answer": "yes"}),
+              (AskSceneAction.Feedback, {"text_delta": "y"})):
+    msg = t(**kw)
+    assert deserialize_message(serialize_message(msg), t) == msg
+print(f"mobilevlm_ros -> {init}")
+print(f"mobilevlm_ros.srv -> {sys.modules['mobilevlm_ros.srv'].__file__}")
+PYEOF
+log "done"
