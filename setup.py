@@ -13,6 +13,8 @@ setup(
     entry_points={
         "console_scripts": [
             "mobilevlm-ask = mobilevlm_ros.cli.ask:main",
+            "mobilevlm_node = mobilevlm_ros.node:main",
+            "mobilevlm-replay-bag = mobilevlm_ros.bags:main",
         ],
     },
 )
