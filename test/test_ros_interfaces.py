@@ -47,7 +47,8 @@ RESULT_FIELDS = {
     "total_ms": "float",
 }
 ERROR_CODES = (
-    "UNKNOWN_CAMERA", "NO_FRAME", "STALE_FRAME", "BAD_FRAME", "BAD_REQUEST", "PROMPT_TOO_LONG", "BUSY",
+    "UNKNOWN_CAMERA", "NO_FRAME", "STALE_FRAME", "UNSUPPORTED_ENCODING", "BAD_FRAME", "BAD_REQUEST",
+    "PROMPT_TOO_LONG", "BUSY",
     "CANCELLED", "SHUTTING_DOWN", "NOT_ACTIVE", "INFERENCE_FAILED",
 )
 
@@ -217,3 +218,9 @@ def test_action_round_trip_over_dds(ros_graph):
     assert result.answer == "echo: any people here" and result.camera_id == "rear"
     assert result.image_header.frame_id == "rear_optical_frame" and result.tokens_generated == 4
     client.destroy()
+
+
+def test_server_error_codes_are_the_interface_constants():
+    from mobilevlm_ros.server import ErrorCode
+
+    assert {v for k, v in vars(ErrorCode).items() if k.isupper()} == set(ERROR_CODES)
