@@ -61,6 +61,7 @@ class NodeConfig:
     device: str
     dtype: str
     backend: str
+    engines_dir: str
     max_seq_len: int
     cameras: tuple[CameraConfig, ...]
     server: ServerConfig
@@ -85,6 +86,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     device = p("device", "cpu").value
     dtype = p("dtype", "float32").value
     backend = p("backend", "torch").value
+    engines_dir = p("engines_dir", "engines").value
     max_seq_len = p("max_seq_len", 2048).value
     camera_ids = list(p("cameras", ["front"]).value)
     default_camera = p("default_camera", "").value
@@ -138,7 +140,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
 
     return NodeConfig(
         model_path=model_path, vision_tower=vision_tower, device=device, dtype=dtype, backend=backend,
-        max_seq_len=max_seq_len, cameras=tuple(cameras),
+        engines_dir=engines_dir, max_seq_len=max_seq_len, cameras=tuple(cameras),
         server=ServerConfig(cameras=tuple(camera_ids), default_camera=default_camera,
                             max_frame_age_s=max_frame_age_s, max_new_tokens=max_new_tokens,
                             temperature=temperature, queue_length=queue_length,
@@ -148,15 +150,16 @@ def declare_and_read_config(node: Node) -> NodeConfig:
 
 
 def load_pipeline(config: NodeConfig):
+    """The model, with its vision encoder on the configured backend (engines built or reused on first load)."""
     from .model import MobileVLMPipeline
 
+    pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
+                                      config.max_seq_len)
     if config.backend != "torch":
-        from .engines import load_pipeline_with_backend
+        from .engines import make_visual_encoder
 
-        return load_pipeline_with_backend(config.model_path, config.vision_tower or None, config.device,
-                                          config.dtype, config.max_seq_len, config.backend)
-    return MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
-                                  config.max_seq_len)
+        pipeline.encode_images = make_visual_encoder(config.backend, pipeline.model, config.engines_dir)
+    return pipeline
 
 
 def _fill_result(target, result: SceneResult) -> None:
