@@ -167,8 +167,10 @@ def test_bag_replay_service_and_action(graph, robot, tmp_path, storage):
         result = graph.result(handle.get_result_async())
         assert result.status == GoalStatus.STATUS_SUCCEEDED and result.result.success
         assert result.result.image_header.stamp.sec * 10**9 + result.result.image_header.stamp.nanosec in stamps
-        assert feedback and "".join(f.text_delta for f in feedback) == result.result.answer
-        assert feedback[-1].partial_answer == result.result.answer
+        # Feedback (a topic) and the result (a service) travel separately, and rclpy's ActionClient drops
+        # feedback that arrives after the result: what did arrive must add up to a prefix of the answer.
+        assert feedback and result.result.answer.startswith("".join(f.text_delta for f in feedback))
+        assert all(result.result.answer.startswith(f.partial_answer) for f in feedback)
         assert result.result.tokens_generated == 16
         assert golden  # the service answer above used the same question with 8 tokens
     finally:
