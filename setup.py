@@ -15,6 +15,7 @@ setup(
             "mobilevlm-ask = mobilevlm_ros.cli.ask:main",
             "mobilevlm_node = mobilevlm_ros.node:main",
             "mobilevlm-replay-bag = mobilevlm_ros.bags:main",
+            "mobilevlm-demo = mobilevlm_ros.demo.run:main",
         ],
     },
 )

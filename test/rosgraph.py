@@ -126,6 +126,7 @@ class Graph:
         for process in self.processes:
             process.stop()
         self.executor.shutdown()
+        self._spinner.join(5)
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.context)
         for key, value in self._saved.items():
