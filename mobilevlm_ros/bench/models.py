@@ -66,10 +66,10 @@ def our_named_shapes(model: nn.Module) -> Iterator[tuple[str, tuple[int, ...]]]:
 
 def random_mobilevlm(config: MobileVLMConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
                      quant: str | None = None, groupsize: int = 32, vision: bool = True,
-                     vision_dtype: torch.dtype | None = None) -> MobileVLM:
+                     vision_dtype: torch.dtype | None = None, llm: bool = True) -> MobileVLM:
     """Build the model on the meta device and materialise one tensor at a time (quantising Linear layers of the
     decoder as they are made), so peak memory stays near the final weights' size. vision=False leaves the vision
-    tower and projector on the meta device (decoder-only benchmarks)."""
+    tower and projector on the meta device (decoder-only benchmarks), llm=False the decoder."""
     from ..model.quantize import quantize_linear
 
     with torch.device("meta"):
@@ -77,7 +77,7 @@ def random_mobilevlm(config: MobileVLMConfig, dtype: torch.dtype = torch.float32
     vdtype = vision_dtype or (dtype if quant is None else torch.float32)
     for mod_name, module in list(model.named_modules()):
         is_llm = mod_name == "llm" or mod_name.startswith("llm.")
-        if not is_llm and not vision:
+        if (not is_llm and not vision) or (is_llm and not llm):
             continue
         if quant is not None and is_llm and isinstance(module, nn.Linear):
             w = init_tensor(f"{mod_name}.weight", tuple(module.weight.shape), seed)

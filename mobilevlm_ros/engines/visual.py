@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,7 +64,8 @@ def export_onnx(encoder: nn.Module, path: str | Path, image_size: int = 336, ops
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=".export-")
     os.close(fd)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the token grid side: fixed at 24 by design
             torch.onnx.export(
                 module, (dummy,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},

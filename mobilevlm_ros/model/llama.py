@@ -131,7 +131,7 @@ class MobileLlama(nn.Module):
         max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
         if max_seq_len == self.max_seq_len:
             return
-        weight = self.lm_head.weight
+        weight = self.embed_tokens.weight  # not lm_head's: that may be quantised (quantize.py)
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch, max_seq_len, self.config.num_kv_heads, self.config.head_dim,
                                                weight.dtype, weight.device)

@@ -1,0 +1,265 @@
+"""mobilevlm-bench: speed and memory of real-shaped MobileVLM models (random weights, no download) against the
+stacks a user would pick instead, measured in the same run on the same weights, each configuration in its own
+process. Prints a table and the ratios; writes results.json, results.md and a plot to --out.
+
+    mobilevlm-bench                                   # everything installed, all three models
+    mobilevlm-bench --models MobileVLM-1.7B --configs ours-fp32,hf-fp32,llamacpp-Q4_0
+    mobilevlm-bench --gpu-check                       # the prepared GPU check (scripts/gpu_check.sh)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .models import REAL_MODELS
+
+OURS = {"ours-fp32": {"dtype": "float32"}, "ours-bf16": {"dtype": "bfloat16"},
+        "ours-int8": {"dtype": "float32", "quant": "int8"},
+        "ours-int8-dynamic": {"dtype": "float32", "quant": "int8-dynamic"},
+        "ours-int4": {"dtype": "float32", "quant": "int4"},
+        "ours-vision-onnxruntime": {"dtype": "float32", "vision_backend": "onnxruntime", "vision_only": True}}
+HF = {"hf-fp32": {"dtype": "float32"}, "hf-bf16": {"dtype": "bfloat16"}}
+LLAMACPP = {"llamacpp-F16": "F16", "llamacpp-Q8_0": "Q8_0", "llamacpp-Q4_0": "Q4_0"}
+BITS = {"ours-fp32": 32, "ours-bf16": 16, "ours-int8": 8, "ours-int8-dynamic": 8, "ours-int4": 4,
+        "llamacpp-F16": 16, "llamacpp-Q8_0": 8, "llamacpp-Q4_0": 4}
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_configs() -> list[str]:
+    names = list(OURS)
+    if not _has("onnxruntime"):
+        names.remove("ours-vision-onnxruntime")
+    if _has("transformers"):
+        names += list(HF)
+    if _has("llama_cpp") and _has("gguf"):
+        names += list(LLAMACPP)
+    return names
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict:
+    import torch
+
+    mem = 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def run_spec(spec: dict, timeout: float) -> dict:
+    """Run one configuration in a fresh interpreter; returns its result or {'error': ...}."""
+    cmd = [sys.executable, "-m", "mobilevlm_ros.bench.measure", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {**spec, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
+
+
+def gguf_file(model: str, qtype: str, cache: Path, seed: int, llm_layers: int | None, timeout: float) -> Path:
+    """The GGUF for (model, qtype, seed), written once by a subprocess (so its memory is not counted)."""
+    name = f"{model}-L{llm_layers or 'all'}-seed{seed}-{qtype}.gguf"
+    path = cache / name
+    if not path.is_file():
+        code = ("import sys, json; from pathlib import Path; from mobilevlm_ros.bench.gguf_export import write_gguf;"
+                "from mobilevlm_ros.bench.models import real_config; a = json.loads(sys.argv[1]);"
+                "write_gguf(real_config(a['model'], a['layers']), Path(a['path']), a['qtype'], a['seed'])")
+        arg = json.dumps({"model": model, "layers": llm_layers, "path": str(path), "qtype": qtype, "seed": seed})
+        subprocess.run([sys.executable, "-c", code, arg], check=True, timeout=timeout)
+    return path
+
+
+def ratios(results: list[dict]) -> dict:
+    """Per model: the target ratios (ours over the baseline, >1 is better for us in every entry)."""
+    out: dict[str, dict] = {}
+    by = {(r["model"], r["config"]): r for r in results if "error" not in r}
+    for model in sorted({r["model"] for r in results}):
+        def get(config, field):
+            r = by.get((model, config))
+            return None if r is None else r.get(field)
+
+        m: dict[str, float] = {}
+        for dtype in ("fp32", "bf16"):
+            ours, hf = get(f"ours-{dtype}", "decode_tok_s"), get(f"hf-{dtype}", "decode_tok_s")
+            if ours and hf:
+                m[f"decode_vs_hf_{dtype}"] = ours / hf
+            ours, hf = get(f"ours-{dtype}", "ttft_ms"), get(f"hf-{dtype}", "ttft_ms")
+            if ours and hf:
+                m[f"ttft_speedup_vs_hf_{dtype}"] = hf / ours
+            ours, hf = get(f"ours-{dtype}", "vision_ms"), get(f"hf-{dtype}", "vision_ms")
+            if ours and hf:
+                m[f"vision_speedup_vs_hf_{dtype}"] = hf / ours
+        for bits, ref in ((16, "llamacpp-F16"), (8, "llamacpp-Q8_0"), (4, "llamacpp-Q4_0")):
+            theirs = get(ref, "decode_tok_s")
+            candidates = [(get(c, "decode_tok_s"), c) for c, b in BITS.items() if b == bits and c.startswith("ours")]
+            candidates = [c for c in candidates if c[0]]
+            if theirs and candidates:
+                best, name = max(candidates)
+                m[f"decode_vs_llamacpp_{bits}bit"] = best / theirs
+                m[f"decode_vs_llamacpp_{bits}bit_config"] = name  # type: ignore[assignment]
+                prefill_ours, prefill_theirs = get(name, "prefill_tok_s"), get(ref, "prefill_tok_s")
+                if prefill_ours and prefill_theirs:
+                    m[f"prefill_vs_llamacpp_{bits}bit"] = prefill_ours / prefill_theirs
+        for config in OURS:
+            v = get(config, "peak_over_weights")
+            if v:
+                m[f"peak_over_weights_{config}"] = v
+        out[model] = m
+    return out
+
+
+def _fmt(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(results: list[dict]) -> str:
+    head = ("| model | config | preprocess ms | vision+projector ms | prefill tok/s | TTFT ms | decode tok/s | "
+            "weights GB | peak RSS GB | (peak - start) / weights |")
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | error: {r['error'][:80]} |||||||| ")
+            continue
+        ttft = r.get("ttft_ms")
+        ttft_s = _fmt(ttft, 0) if ttft else f"{_fmt(r.get('ttft_llm_ms'), 0)} (decoder only)"
+        lines.append(
+            f"| {r['model']} | {r['config']} | {_fmt(r.get('preprocess_ms'))} | {_fmt(r.get('vision_ms'), 0)} | "
+            f"{_fmt(r.get('prefill_tok_s'))} | {ttft_s} | {_fmt(r.get('decode_tok_s'), 2)} | "
+            f"{_fmt(r['weights_bytes'] / 1e9, 2)} | {_fmt(r['peak_rss_bytes'] / 1e9, 2)} | "
+            f"{_fmt(r.get('peak_over_weights'), 2)} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in results if "error" not in r]
+    models = sorted({r["model"] for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, field, label in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
+                             (axes[1], "ttft_ms", "time to first token, ms (lower is better)")):
+        configs = [c for c in dict.fromkeys(r["config"] for r in ok) if any(r["config"] == c and r.get(field)
+                                                                            for r in ok)]
+        width = 0.8 / max(1, len(configs))
+        for i, config in enumerate(configs):
+            values = [next((r.get(field) or 0 for r in ok if r["model"] == m and r["config"] == config), 0)
+                      for m in models]
+            ax.bar([j + i * width for j in range(len(models))], values, width, label=config)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models)
+        ax.set_title(label)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"MobileVLM random-weight benchmark, {cpu_name()}, {os.cpu_count()} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mobilevlm-bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated, from: " + ", ".join(REAL_MODELS))
+    p.add_argument("--configs", help="comma-separated subset of: " + ", ".join([*OURS, *HF, *LLAMACPP]))
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--question-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="threads per configuration (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-layers", type=int, help="shrink the decoder depth (smoke tests only)")
+    p.add_argument("--vision-layers", type=int, help="shrink the vision tower depth (smoke tests only)")
+    p.add_argument("--out", default="bench-results", help="directory for results.json, results.md, plot")
+    p.add_argument("--gguf-cache", default=os.path.expanduser("~/.cache/mobilevlm-bench"))
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--gpu-check", action="store_true", help="run the GPU check instead (needs CUDA)")
+    args = p.parse_args(argv)
+    if args.gpu_check:
+        from .gpu_check import main as gpu_main
+
+        return gpu_main([])
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in REAL_MODELS:
+            p.error(f"unknown model {m!r}")
+    have = available_configs()
+    configs = have if not args.configs else [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c not in {*OURS, *HF, *LLAMACPP}:
+            p.error(f"unknown config {c!r}")
+    skipped = [c for c in configs if c not in have]
+    configs = [c for c in configs if c in have]
+    if skipped:
+        print(f"skipping (optional extra not installed: pip install '.[bench]'): {', '.join(skipped)}",
+              file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hw = hardware()
+    print(f"# {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB, torch {hw['torch']}", flush=True)
+    results = []
+    for model in models:
+        for config in configs:
+            spec = {"model": model, "config": config, "decode_tokens": args.decode_tokens,
+                    "question_tokens": args.question_tokens, "threads": args.threads or None, "seed": args.seed,
+                    "llm_layers": args.llm_layers, "vision_layers": args.vision_layers}
+            if config in OURS:
+                spec.update(stack="ours", **OURS[config])
+            elif config in HF:
+                spec.update(stack="hf", **HF[config])
+            else:
+                spec.update(stack="llamacpp", gguf=LLAMACPP[config])
+                try:
+                    spec["gguf_path"] = str(gguf_file(model, LLAMACPP[config], Path(args.gguf_cache), args.seed,
+                                                      args.llm_layers, args.timeout))
+                except (subprocess.SubprocessError, OSError) as e:
+                    results.append({**spec, "error": f"GGUF conversion failed: {e}"})
+                    continue
+            start = time.time()
+            r = run_spec(spec, args.timeout)
+            r["wall_s"] = round(time.time() - start, 1)
+            results.append(r)
+            status = r.get("error") or (f"decode {_fmt(r.get('decode_tok_s'), 2)} tok/s, "
+                                        f"TTFT {_fmt(r.get('ttft_ms') or r.get('ttft_llm_ms'), 0)} ms, "
+                                        f"vision {_fmt(r.get('vision_ms'), 0)} ms")
+            print(f"{model:18s} {config:24s} {status}", flush=True)
+            (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
+    summary = ratios(results)
+    md = table(results) + "\n\nRatios (ours / baseline, >1 is better for ours):\n\n```\n" + \
+        json.dumps(summary, indent=1) + "\n```\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "ratios": summary}, indent=1))
+    plot(results, out / "bench.png")
+    print(md)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
