@@ -5,6 +5,11 @@ Interfaces (all names relative, so ``__ns:=/robot7`` gives ``/robot7/ask_scene``
 - service ``ask_scene`` and action ``ask_scene`` (mobilevlm_ros/AskScene), topic ``caption``
   (mobilevlm_ros/SceneCaption), and ``/diagnostics`` (diagnostic_msgs/DiagnosticArray).
 
+Two executables share everything ROS-facing through :class:`SceneInterface`:
+- ``mobilevlm_node`` (:class:`MobileVLMNode`, this module): a plain node that loads the model and serves at once;
+- ``mobilevlm_lifecycle_node`` (:mod:`mobilevlm_ros.lifecycle_node`): a managed node driven through configure,
+  activate, deactivate, cleanup and shutdown.
+
 Threading: inference runs on the server's single worker thread. Service and action callbacks only validate, enqueue
 and wait for their own job; the queue bounds how many can wait (queue_length + the running one), and the executor
 gets that many threads plus spares, so camera intake, timers and immediate answers (BUSY, errors) always find a
@@ -12,12 +17,14 @@ free thread.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import rclpy
@@ -40,6 +47,7 @@ from .srv import AskScene as AskSceneService
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16", "float16")
 TRANSPORTS = ("raw", "compressed")
+MAX_QUEUE_LENGTH = 64
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
 # The default service QoS keeps 10 requests: a burst beyond that would be dropped by DDS before the node could
 # answer BUSY, and those clients would wait forever. Every request must get an answer, so keep them all.
@@ -70,6 +78,10 @@ class NodeConfig:
     caption_cameras: tuple[str, ...]
     caption_max_new_tokens: int
     diagnostics_period_s: float
+    build_engines: bool = True
+    require_manifest: bool = False
+    memory_reserve_mb: int = 0
+    deactivate_timeout_s: float = 5.0
 
 
 def _default_model_path() -> str:
@@ -78,28 +90,43 @@ def _default_model_path() -> str:
     return str(DEFAULT_MODEL_DIR)
 
 
+def _param(node: Node, name: str, default):
+    """The parameter's value, declaring it (with its default) the first time: a lifecycle node reads its
+    parameters again at every configure, so changes made while unconfigured take effect."""
+    if node.has_parameter(name):
+        return node.get_parameter(name).value
+    return node.declare_parameter(name, default).value
+
+
 def declare_and_read_config(node: Node) -> NodeConfig:
-    """Declare every parameter with its default, then validate: a bad value raises ValueError naming it."""
-    p = node.declare_parameter
-    model_path = p("model_path", "").value or _default_model_path()
-    vision_tower = p("vision_tower", "").value
-    device = p("device", "cpu").value
-    dtype = p("dtype", "float32").value
-    backend = p("backend", "torch").value
-    engines_dir = p("engines_dir", "engines").value
-    max_seq_len = p("max_seq_len", 2048).value
-    camera_ids = list(p("cameras", ["front"]).value)
-    default_camera = p("default_camera", "").value
-    max_frame_age_s = float(p("max_frame_age_s", 1.0).value)
-    max_new_tokens = p("max_new_tokens", 64).value
-    temperature = float(p("temperature", 0.0).value)
-    queue_length = p("queue_length", 4).value
-    max_question_chars = p("max_question_chars", 2000).value
-    caption_rate_hz = float(p("caption_rate_hz", 0.0).value)
-    caption_prompt = p("caption_prompt", "Describe the scene.").value
-    caption_cameras = list(p("caption_cameras", [""]).value)
-    caption_max_new_tokens = p("caption_max_new_tokens", 48).value
-    diagnostics_period_s = float(p("diagnostics_period_s", 1.0).value)
+    """Declare every parameter with its default (once), then read and validate: a bad value raises ValueError
+    naming it."""
+    def p(name, default):
+        return _param(node, name, default)
+
+    model_path = p("model_path", "") or _default_model_path()
+    vision_tower = p("vision_tower", "")
+    device = p("device", "cpu")
+    dtype = p("dtype", "float32")
+    backend = p("backend", "torch")
+    engines_dir = p("engines_dir", "engines")
+    build_engines = bool(p("build_engines", True))
+    require_manifest = bool(p("require_manifest", False))
+    memory_reserve_mb = p("memory_reserve_mb", 0)
+    max_seq_len = p("max_seq_len", 2048)
+    camera_ids = list(p("cameras", ["front"]))
+    default_camera = p("default_camera", "")
+    max_frame_age_s = float(p("max_frame_age_s", 1.0))
+    max_new_tokens = p("max_new_tokens", 64)
+    temperature = float(p("temperature", 0.0))
+    queue_length = p("queue_length", 4)
+    max_question_chars = p("max_question_chars", 2000)
+    caption_rate_hz = float(p("caption_rate_hz", 0.0))
+    caption_prompt = p("caption_prompt", "Describe the scene.")
+    caption_cameras = list(p("caption_cameras", [""]))
+    caption_max_new_tokens = p("caption_max_new_tokens", 48)
+    diagnostics_period_s = float(p("diagnostics_period_s", 1.0))
+    deactivate_timeout_s = float(p("deactivate_timeout_s", 5.0))
 
     def check(ok: bool, message: str) -> None:
         if not ok:
@@ -109,6 +136,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     check(device == "cpu" or device.startswith("cuda"), f"device {device!r}: expected cpu, cuda or cuda:N")
     check(dtype in DTYPES, f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check(backend in BACKENDS, f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    check(memory_reserve_mb >= 0, f"memory_reserve_mb {memory_reserve_mb}: must be >= 0")
     check(max_seq_len >= 256, f"max_seq_len {max_seq_len}: must be at least 256 (144 image tokens + text)")
     check(bool(camera_ids) and all(camera_ids) and len(set(camera_ids)) == len(camera_ids),
           f"cameras {camera_ids}: need at least one camera id, all non-empty and distinct")
@@ -117,7 +145,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     check(max_frame_age_s > 0, f"max_frame_age_s {max_frame_age_s}: must be positive")
     check(max_new_tokens >= 1, f"max_new_tokens {max_new_tokens}: must be at least 1")
     check(temperature >= 0, f"temperature {temperature}: must be >= 0")
-    check(1 <= queue_length <= 64, f"queue_length {queue_length}: must be in 1..64")
+    check(1 <= queue_length <= MAX_QUEUE_LENGTH, f"queue_length {queue_length}: must be in 1..{MAX_QUEUE_LENGTH}")
     check(max_question_chars >= 1, f"max_question_chars {max_question_chars}: must be at least 1")
     check(caption_rate_hz >= 0, f"caption_rate_hz {caption_rate_hz}: must be >= 0 (0 turns captions off)")
     caption_cameras = [c or default_camera for c in caption_cameras]
@@ -125,15 +153,16 @@ def declare_and_read_config(node: Node) -> NodeConfig:
           f"caption_cameras {caption_cameras}: every entry must be one of cameras {camera_ids}")
     check(caption_max_new_tokens >= 1, f"caption_max_new_tokens {caption_max_new_tokens}: must be at least 1")
     check(diagnostics_period_s > 0, f"diagnostics_period_s {diagnostics_period_s}: must be positive")
+    check(deactivate_timeout_s >= 0, f"deactivate_timeout_s {deactivate_timeout_s}: must be >= 0")
 
     cameras = []
     for camera_id in camera_ids:
-        transport = p(f"camera.{camera_id}.transport", "raw").value
+        transport = p(f"camera.{camera_id}.transport", "raw")
         check(transport in TRANSPORTS, f"camera.{camera_id}.transport {transport!r}: expected raw or compressed")
         default_topic = f"{camera_id}/image_raw" + ("/compressed" if transport == "compressed" else "")
-        topic = p(f"camera.{camera_id}.topic", default_topic).value
+        topic = p(f"camera.{camera_id}.topic", default_topic)
         check(bool(topic), f"camera.{camera_id}.topic is empty")
-        reliability = p(f"camera.{camera_id}.reliability", "best_effort").value
+        reliability = p(f"camera.{camera_id}.reliability", "best_effort")
         check(reliability in RELIABILITY, f"camera.{camera_id}.reliability {reliability!r}: "
                                           "expected best_effort or reliable")
         cameras.append(CameraConfig(camera_id, topic, transport, reliability))
@@ -146,20 +175,54 @@ def declare_and_read_config(node: Node) -> NodeConfig:
                             temperature=temperature, queue_length=queue_length,
                             max_question_chars=max_question_chars),
         caption_rate_hz=caption_rate_hz, caption_prompt=caption_prompt, caption_cameras=tuple(caption_cameras),
-        caption_max_new_tokens=caption_max_new_tokens, diagnostics_period_s=diagnostics_period_s)
+        caption_max_new_tokens=caption_max_new_tokens, diagnostics_period_s=diagnostics_period_s,
+        build_engines=build_engines, require_manifest=require_manifest, memory_reserve_mb=memory_reserve_mb,
+        deactivate_timeout_s=deactivate_timeout_s)
 
 
-def load_pipeline(config: NodeConfig):
-    """The model, with its vision encoder on the configured backend (engines built or reused on first load)."""
+@dataclass
+class LoadedModel:
+    pipeline: object  # MobileVLMPipeline
+    vision: object  # engines.provision.VisionBackend
+    manifest: str  # "verified N files" or "absent"
+    memory: str  # the memory check's log line
+
+
+def _info(logger):
+    return (lambda line: logger.info(line)) if logger is not None else (lambda line: None)
+
+
+def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
+    """Verify, then load: the manifest (when present, or required), free memory against the model's needs, the
+    model, and the vision encoder on the configured backend (engines reused, built under a lock when
+    build_engines allows it, or the torch path as a logged fallback). Raises with the reason on any problem."""
+    from .engines.provision import provision_visual_encoder
+    from .manifest import (ManifestError, available_memory, check_manifest, check_memory, estimate_model_memory,
+                           has_manifest)
     from .model import MobileVLMPipeline
 
+    info = _info(logger)
+    manifests = []
+    for directory in filter(None, (config.model_path, config.vision_tower)):
+        if has_manifest(directory):
+            summary = check_manifest(directory)
+            manifests.append(f"verified {summary.files} files in {directory}")
+            info(f"manifest: {manifests[-1]} ({summary.total_bytes >> 20} MiB, {summary.seconds:.1f} s)")
+        elif config.require_manifest:
+            raise ManifestError(directory, "no mobilevlm_manifest.json and require_manifest is true")
+    estimate = estimate_model_memory(config.model_path, config.dtype, config.max_seq_len)
+    available, where = available_memory(config.device)
+    memory = check_memory(estimate, available, config.memory_reserve_mb << 20, where)
+    info(f"memory: {memory}")
     pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
                                       config.max_seq_len)
-    if config.backend != "torch":
-        from .engines import make_visual_encoder
-
-        pipeline.encode_images = make_visual_encoder(config.backend, pipeline.model, config.engines_dir)
-    return pipeline
+    warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
+    encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
+                                              allow_build=config.build_engines, log=warn)
+    pipeline.encode_images = encode
+    if vision.active != "torch":
+        info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'})")
+    return LoadedModel(pipeline, vision, "; ".join(manifests) or "absent", memory)
 
 
 def _fill_result(target, result: SceneResult) -> None:
@@ -186,71 +249,213 @@ def frame_header(frame: Frame) -> Header:
     return header
 
 
-class MobileVLMNode(Node):
-    def __init__(self, node_name: str = "mobilevlm_node", **kwargs):
-        super().__init__(node_name, **kwargs)
-        self.config = declare_and_read_config(self)
-        self.get_logger().info(f"loading {self.config.model_path} ({self.config.backend}, {self.config.device}, "
-                               f"{self.config.dtype})")
-        started = time.monotonic()
-        pipeline = load_pipeline(self.config)
-        self.get_logger().info(f"model ready in {time.monotonic() - started:.1f} s")
-        self.frames = FrameStore()
-        self.server = SceneServer(pipeline, self.frames, self.config.server)
-        self._seq = itertools.count()
-        self._in_flight = 0
-        self._in_flight_lock = threading.Lock()
-        self._action_jobs: dict[bytes, Job] = {}
+def _answered_job(request: SceneRequest, code: str, message: str) -> Job:
+    """A job that is already done with an error, for requests the gate refuses before they reach a server."""
+    from .model import SamplingParams
 
-        intake = MutuallyExclusiveCallbackGroup()
-        for camera in self.config.cameras:
-            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
-                             reliability=RELIABILITY[camera.reliability])
-            if camera.transport == "raw":
-                self.create_subscription(Image, camera.topic, self._raw_callback(camera.camera_id), qos,
-                                         callback_group=intake)
-            else:
-                self.create_subscription(CompressedImage, camera.topic,
-                                         self._compressed_callback(camera.camera_id), qos, callback_group=intake)
-            self.get_logger().info(f"camera {camera.camera_id!r}: {camera.transport} on "
-                                   f"{self.resolve_topic_name(camera.topic)}")
+    job = Job(request, request.camera_id, SamplingParams())
+    job.finish(SceneResult(success=False, error_code=code, error_message=message, camera_id=request.camera_id))
+    return job
+
+
+class SceneInterface:
+    """Everything ROS-facing, attached to a given node: the ask_scene service and action, camera intake, captions
+    and /diagnostics. Shared by the plain node and the lifecycle node.
+
+    Life cycle of the pieces:
+    - created with the node (``__init__``): the service and the action server, which exist as long as the node
+      does, so no request is ever lost to a service being destroyed under it; they answer NOT_ACTIVE (or
+      SHUTTING_DOWN) whenever the gate is closed; the caption publisher (given); the /diagnostics timer.
+    - ``bind`` (configure): the loaded model, its SceneServer and the configuration. ``unbind`` (cleanup) drops
+      them and frees the model's memory.
+    - ``start`` (activate): camera subscriptions, the caption timer, and the gate opens. ``stop`` (deactivate):
+      the gate closes (new requests: NOT_ACTIVE), intake stops, requests in flight get deactivate_timeout_s to
+      finish and are then cancelled and answered NOT_ACTIVE; none is dropped.
+    - ``shutdown_requests`` (shutdown): the gate answers SHUTTING_DOWN and the server answers everything queued or
+      running with SHUTTING_DOWN.
+    """
+
+    def __init__(self, node: Node, caption_publisher, diagnostics_period_s: float = 1.0,
+                 state: str = "unconfigured"):
+        self.node = node
+        self.caption_publisher = caption_publisher
+        self.state = state  # lifecycle label, for messages and /diagnostics
+        self.problem = ""  # why the last configure failed, for /diagnostics
+        self.config: NodeConfig | None = None
+        self.server: SceneServer | None = None
+        self.frames = FrameStore()
+        self.loaded: LoadedModel | None = None
+        self._seq = itertools.count()
+        self._gate = threading.Lock()
+        self._accepting = False
+        self._refusal = (ErrorCode.NOT_ACTIVE, f"the node is {state}")
+        self._jobs: set[Job] = set()  # submitted requests not yet answered
+        self._deactivated: set[Job] = set()  # cancelled by a deactivate
+        self._in_flight = 0  # request callbacks running (for shutdown's final flush)
+        self._action_jobs: dict[bytes, Job] = {}
+        self._subscriptions: list = []
+        self._caption_timer = None
+        self._caption_seq: dict[str, int] = {}
+        self.rejected_not_active = 0
+        self._deactivate_timeout_s = 0.0
+
         requests = ReentrantCallbackGroup()
-        self.create_service(AskSceneService, "ask_scene", self._on_ask_service, qos_profile=REQUEST_QOS,
-                            callback_group=requests)
-        self._action_server = ActionServer(self, AskSceneAction, "ask_scene", self._on_goal_execute,
-                                           goal_callback=lambda _: GoalResponse.ACCEPT,
-                                           cancel_callback=self._on_goal_cancel, callback_group=requests,
-                                           goal_service_qos_profile=REQUEST_QOS,
-                                           result_service_qos_profile=REQUEST_QOS,
-                                           cancel_service_qos_profile=REQUEST_QOS)
-        self.caption_publisher = self.create_publisher(SceneCaption, "caption", 10)
-        self._caption_seq = dict.fromkeys(self.config.caption_cameras, -1)
-        timers = MutuallyExclusiveCallbackGroup()
-        if self.config.caption_rate_hz > 0:
-            self.create_timer(1.0 / self.config.caption_rate_hz, self._on_caption_tick, callback_group=timers)
-        self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(self.config.diagnostics_period_s, self._publish_diagnostics, callback_group=timers)
+        self.service = node.create_service(AskSceneService, "ask_scene", self._on_ask_service,
+                                           qos_profile=REQUEST_QOS, callback_group=requests)
+        self.action_server = ActionServer(node, AskSceneAction, "ask_scene", self._on_goal_execute,
+                                          goal_callback=lambda _: GoalResponse.ACCEPT,
+                                          cancel_callback=self._on_goal_cancel, callback_group=requests,
+                                          goal_service_qos_profile=REQUEST_QOS,
+                                          result_service_qos_profile=REQUEST_QOS,
+                                          cancel_service_qos_profile=REQUEST_QOS)
+        self._timers = MutuallyExclusiveCallbackGroup()
+        self._intake = MutuallyExclusiveCallbackGroup()
+        self.diagnostics_publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._diagnostics_period_s = diagnostics_period_s
+        self._diagnostics_timer = node.create_timer(diagnostics_period_s, self._publish_diagnostics,
+                                                    callback_group=self._timers)
 
     @property
-    def executor_threads(self) -> int:
-        return self.config.server.queue_length + 4
+    def logger(self):
+        return self.node.get_logger()
+
+    # --- configure / cleanup -----------------------------------------------------------------------------------
+    def bind(self, config: NodeConfig, loaded: LoadedModel) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.frames = FrameStore()
+        self.server = SceneServer(loaded.pipeline, self.frames, config.server)
+        self._caption_seq = dict.fromkeys(config.caption_cameras, -1)
+        self.problem = ""
+        self.set_state("inactive")
+        if config.diagnostics_period_s != self._diagnostics_period_s:
+            self.node.destroy_timer(self._diagnostics_timer)
+            self._diagnostics_period_s = config.diagnostics_period_s
+            self._diagnostics_timer = self.node.create_timer(config.diagnostics_period_s, self._publish_diagnostics,
+                                                             callback_group=self._timers)
+
+    def unbind(self) -> bool:
+        """Stop the server and drop the model. True when the model's memory was released (nothing else holds
+        the pipeline); CUDA's cached blocks go back to the driver too."""
+        if self._refusal[0] != ErrorCode.SHUTTING_DOWN:
+            self._close_gate(ErrorCode.NOT_ACTIVE, "the node is unconfigured")
+        if self.server is None:
+            return True
+        self.server.shutdown()
+        device = self.config.device if self.config is not None else "cpu"
+        pipeline_ref = weakref.ref(self.loaded.pipeline)
+        self.server = None
+        self.loaded = None
+        self.frames = FrameStore()
+        gc.collect()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self.set_state("unconfigured")
+        return pipeline_ref() is None
+
+    # --- activate / deactivate ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Camera intake and captions on, requests accepted."""
+        config = self.config
+        for camera in config.cameras:
+            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=RELIABILITY[camera.reliability])
+            if camera.transport == "raw":
+                sub = self.node.create_subscription(Image, camera.topic, self._raw_callback(camera.camera_id), qos,
+                                                    callback_group=self._intake)
+            else:
+                sub = self.node.create_subscription(CompressedImage, camera.topic,
+                                                    self._compressed_callback(camera.camera_id), qos,
+                                                    callback_group=self._intake)
+            self._subscriptions.append(sub)
+            self.logger.info(f"camera {camera.camera_id!r}: {camera.transport} on "
+                             f"{self.node.resolve_topic_name(camera.topic)}")
+        if config.caption_rate_hz > 0:
+            self._caption_timer = self.node.create_timer(1.0 / config.caption_rate_hz, self._on_caption_tick,
+                                                         callback_group=self._timers)
+        with self._gate:
+            self._accepting = True
+        self.set_state("active")
+
+    def stop(self, timeout_s: float | None = None) -> tuple[int, int]:
+        """Close the gate (new requests: NOT_ACTIVE), stop intake and captions, let requests in flight finish for
+        timeout_s, then cancel the rest (answered NOT_ACTIVE). Returns (in flight, cancelled)."""
+        timeout_s = self.config.deactivate_timeout_s if timeout_s is None else timeout_s
+        self._deactivate_timeout_s = timeout_s
+        jobs = self._close_gate(ErrorCode.NOT_ACTIVE, "the node is inactive (deactivated)")
+        self._stop_intake()
+        deadline = time.monotonic() + timeout_s
+        for job in jobs:
+            job.wait(max(0.0, deadline - time.monotonic()))
+        late = [job for job in jobs if not job.done]
+        for job in late:
+            self._deactivated.add(job)
+            job.cancel()  # the worker stops within one token; queued ones never start
+        for job in late:
+            job.wait(30.0)
+        self.set_state("inactive")
+        return len(jobs), len(late)
+
+    def _close_gate(self, code: str, message: str) -> list[Job]:
+        with self._gate:
+            self._accepting = False
+            self._refusal = (code, message)
+            return list(self._jobs)
+
+    def _stop_intake(self) -> None:
+        for sub in self._subscriptions:
+            self.node.destroy_subscription(sub)
+        self._subscriptions = []
+        if self._caption_timer is not None:
+            self.node.destroy_timer(self._caption_timer)
+            self._caption_timer = None
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        if not self._accepting and self._refusal[0] == ErrorCode.NOT_ACTIVE:
+            self._refusal = (ErrorCode.NOT_ACTIVE, f"the node is {state}" + (
+                "; activate it (lifecycle) to serve requests" if state in ("unconfigured", "inactive") else ""))
+
+    # --- shutdown ----------------------------------------------------------------------------------------------
+    def shutdown_requests(self) -> None:
+        """Refuse new requests with SHUTTING_DOWN and answer everything queued or running (SHUTTING_DOWN)."""
+        self._close_gate(ErrorCode.SHUTTING_DOWN, "the node is shutting down")
+        self._stop_intake()
+        if self.server is not None:
+            self.server.shutdown()
+
+    def wait_idle(self, timeout_s: float, spin=None) -> bool:
+        """Wait until no request callback is running (spin(timeout) turns an executor while waiting, for callers
+        outside the executor)."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            if spin is not None:
+                spin(0.05)
+            else:
+                time.sleep(0.05)
+        return not self.in_flight
 
     # --- camera intake -----------------------------------------------------------------------------------------
     def _raw_callback(self, camera_id: str):
+        frames = self.frames
+
         def callback(msg: Image) -> None:
             try:  # cheap header checks now; pixels are decoded only when a request needs this frame
                 validate_raw_image(msg.encoding, msg.width, msg.height, msg.step, len(msg.data))
             except FrameError as e:
                 self._warn_frame_once(camera_id, e)
-            self.frames.put(Frame.from_raw(
+            frames.put(Frame.from_raw(
                 camera_id=camera_id, seq=next(self._seq), stamp_sec=msg.header.stamp.sec,
                 stamp_nanosec=msg.header.stamp.nanosec, frame_id=msg.header.frame_id, encoding=msg.encoding,
                 width=msg.width, height=msg.height, step=msg.step, is_bigendian=msg.is_bigendian, data=msg.data))
         return callback
 
     def _compressed_callback(self, camera_id: str):
+        frames = self.frames
+
         def callback(msg: CompressedImage) -> None:
-            self.frames.put(Frame.from_compressed(
+            frames.put(Frame.from_compressed(
                 camera_id=camera_id, seq=next(self._seq), stamp_sec=msg.header.stamp.sec,
                 stamp_nanosec=msg.header.stamp.nanosec, frame_id=msg.header.frame_id, format=msg.format,
                 data=msg.data))
@@ -258,33 +463,60 @@ class MobileVLMNode(Node):
 
     def _warn_frame_once(self, camera_id: str, error: FrameError) -> None:
         if self.frames.first_failure(camera_id, error.code):
-            self.get_logger().error(f"camera {camera_id!r}: {error.message} (logged once per camera; requests "
-                                    f"about this camera answer {error.code})")
+            self.logger.error(f"camera {camera_id!r}: {error.message} (logged once per camera; requests "
+                              f"about this camera answer {error.code})")
 
     def _log_result(self, result: SceneResult) -> None:
         if result.error_code in (ErrorCode.BAD_FRAME, ErrorCode.UNSUPPORTED_ENCODING):
             self._warn_frame_once(result.camera_id, FrameError(result.error_code, result.error_message))
         elif result.error_code == ErrorCode.INFERENCE_FAILED:
-            self.get_logger().error(f"inference failed: {result.error_message}")
+            self.logger.error(f"inference failed: {result.error_message}")
 
     # --- requests ----------------------------------------------------------------------------------------------
     def _track(self, delta: int) -> None:
-        with self._in_flight_lock:
+        with self._gate:
             self._in_flight += delta
 
     @property
     def in_flight(self) -> int:
-        with self._in_flight_lock:
+        with self._gate:
             return self._in_flight
+
+    def _submit(self, request: SceneRequest, on_text=None) -> Job:
+        """The server's job while the gate is open; otherwise one already answered NOT_ACTIVE / SHUTTING_DOWN.
+        Under the gate's lock, so a deactivate sees every job submitted before it closed the gate."""
+        with self._gate:
+            if self._accepting and self.server is not None:
+                job = self.server.submit(request, on_text)
+                if not job.done:
+                    self._jobs.add(job)
+                return job
+            code, message = self._refusal
+            if code == ErrorCode.NOT_ACTIVE:
+                self.rejected_not_active += 1
+        return _answered_job(request, code, message)
+
+    def _result(self, job: Job) -> SceneResult:
+        """The job's result; a cancel caused by a deactivate is reported as NOT_ACTIVE, not as a client cancel."""
+        result = job.result
+        with self._gate:
+            self._jobs.discard(job)
+            deactivated = job in self._deactivated
+            self._deactivated.discard(job)
+        if deactivated and result.error_code == ErrorCode.CANCELLED:
+            result = replace(result, error_code=ErrorCode.NOT_ACTIVE, error_message=(
+                f"the node was deactivated; this request was cancelled after waiting deactivate_timeout_s "
+                f"{self._deactivate_timeout_s:g} ({result.error_message})"))
+        self._log_result(result)
+        return result
 
     def _on_ask_service(self, request, response):
         self._track(+1)
         try:
-            job = self.server.submit(SceneRequest(request.question, request.camera_id, request.max_new_tokens,
-                                                  request.temperature))
-            result = job.wait()  # always set: answered, failed, cancelled or shut down
-            self._log_result(result)
-            _fill_result(response, result)
+            job = self._submit(SceneRequest(request.question, request.camera_id, request.max_new_tokens,
+                                            request.temperature))
+            job.wait()  # always set: answered, failed, cancelled or shut down
+            _fill_result(response, self._result(job))
             return response
         finally:
             self._track(-1)
@@ -312,8 +544,8 @@ class MobileVLMNode(Node):
             wake.set()
 
         key = bytes(goal_handle.goal_id.uuid)
-        job = self.server.submit(SceneRequest(goal.question, goal.camera_id, goal.max_new_tokens, goal.temperature),
-                                 on_text)
+        job = self._submit(SceneRequest(goal.question, goal.camera_id, goal.max_new_tokens, goal.temperature),
+                           on_text)
         job.add_done_callback(lambda _: wake.set())
         self._action_jobs[key] = job
         try:
@@ -333,8 +565,7 @@ class MobileVLMNode(Node):
                     break
         finally:
             self._action_jobs.pop(key, None)
-        result = job.result
-        self._log_result(result)
+        result = self._result(job)
         msg = AskSceneAction.Result()
         _fill_result(msg, result)
         if result.error_code == ErrorCode.CANCELLED and goal_handle.is_cancel_requested:
@@ -347,9 +578,12 @@ class MobileVLMNode(Node):
 
     # --- captions ----------------------------------------------------------------------------------------------
     def _on_caption_tick(self) -> None:
-        for camera_id in self.config.caption_cameras:
-            job = self.server.submit_caption(camera_id, self.config.caption_prompt,
-                                             self.config.caption_max_new_tokens, self._caption_seq[camera_id])
+        server, config = self.server, self.config
+        if server is None or not self._accepting:
+            return
+        for camera_id in config.caption_cameras:
+            job = server.submit_caption(camera_id, config.caption_prompt, config.caption_max_new_tokens,
+                                        self._caption_seq[camera_id])
             if job is not None:
                 self._caption_seq[camera_id] = job.not_before_seq
                 job.add_done_callback(self._publish_caption)
@@ -359,53 +593,109 @@ class MobileVLMNode(Node):
         if not result.success:
             self._log_result(result)
             return
+        if not self._accepting:  # finished after a deactivate: intake and captions are off
+            return
         self.caption_publisher.publish(SceneCaption(
             header=frame_header(result.frame), camera_id=result.camera_id, caption=result.answer,
             prompt=job.request.question, latency_ms=float(result.total_ms)))
 
     # --- health ------------------------------------------------------------------------------------------------
     def diagnostic_status(self) -> list[DiagnosticStatus]:
-        stats = self.server.stats
-        values = {"model": self.config.model_path, "backend": self.config.backend, "device": self.config.device,
-                  "dtype": self.config.dtype, "queue_depth": self.server.queue_depth,
-                  "queue_length": self.config.server.queue_length, "answered": stats.answered,
-                  "rejected_busy": stats.rejected_busy, "failed": stats.failed,
-                  "inference_failed": stats.inference_failed, "captions": stats.captions,
+        name = self.node.get_fully_qualified_name()
+        server, config, loaded = self.server, self.config, self.loaded
+        if server is None or config is None or loaded is None:
+            level, message = ((DiagnosticStatus.ERROR, f"configure failed: {self.problem}") if self.problem
+                              else (DiagnosticStatus.WARN if self.state != "finalized" else DiagnosticStatus.OK,
+                                    self.state))
+            return [DiagnosticStatus(level=level, name=f"{name}: inference", message=message, values=[
+                KeyValue(key="lifecycle_state", value=self.state),
+                KeyValue(key="rejected_not_active", value=str(self.rejected_not_active))])]
+        stats = server.stats
+        vision = loaded.vision
+        values = {"lifecycle_state": self.state, "model": config.model_path, "backend": vision.active,
+                  "backend_requested": config.backend, "engine": vision.engine,
+                  "vision_fallback": vision.fallback_reason, "manifest": loaded.manifest,
+                  "device": config.device, "dtype": config.dtype, "queue_depth": server.queue_depth,
+                  "queue_length": config.server.queue_length, "answered": stats.answered,
+                  "rejected_busy": stats.rejected_busy, "rejected_not_active": self.rejected_not_active,
+                  "failed": stats.failed, "inference_failed": stats.inference_failed, "captions": stats.captions,
                   "captions_skipped": stats.captions_skipped}
         for stage, (p50, p90, p99) in sorted(stats.percentiles().items()):
             values.update({f"{stage}_p50": f"{p50:.1f}", f"{stage}_p90": f"{p90:.1f}", f"{stage}_p99": f"{p99:.1f}"})
-        name = self.get_fully_qualified_name()
-        main = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{name}: inference", hardware_id=self.config.device,
-                                message="serving", values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        main = DiagnosticStatus(level=DiagnosticStatus.OK, name=f"{name}: inference", hardware_id=config.device,
+                                message="serving" if self.state == "active" else self.state,
+                                values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+        if vision.fell_back:
+            main.level = DiagnosticStatus.WARN
+            main.message = f"{main.message}; vision on torch, {vision.requested} unavailable: {vision.fallback_reason}"
         if stats.inference_failed:
             main.level, main.message = DiagnosticStatus.WARN, f"{stats.inference_failed} inference failures"
         statuses = [main]
-        for camera in self.config.cameras:
+        if self.state != "active":
+            return statuses
+        for camera in config.cameras:
             age = self.frames.age_s(camera.camera_id)
-            stale = age is None or age > self.config.server.max_frame_age_s
+            stale = age is None or age > config.server.max_frame_age_s
             statuses.append(DiagnosticStatus(
                 level=DiagnosticStatus.WARN if stale else DiagnosticStatus.OK,
                 name=f"{name}: camera {camera.camera_id}", hardware_id=camera.topic,
                 message="no frame yet" if age is None else ("stale" if stale else "ok"),
-                values=[KeyValue(key="topic", value=self.resolve_topic_name(camera.topic)),
+                values=[KeyValue(key="topic", value=self.node.resolve_topic_name(camera.topic)),
                         KeyValue(key="frame_age_s", value="" if age is None else f"{age:.3f}")]))
         return statuses
 
     def _publish_diagnostics(self) -> None:
         msg = DiagnosticArray(status=self.diagnostic_status())
-        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.header.stamp = self.node.get_clock().now().to_msg()
         self.diagnostics_publisher.publish(msg)
 
-    # --- shutdown ----------------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Destroy everything this created on the node (before the node itself is destroyed)."""
+        self._stop_intake()
+        self.action_server.destroy()
+        self.node.destroy_service(self.service)
+        self.node.destroy_timer(self._diagnostics_timer)
+
+
+class MobileVLMNode(Node):
+    """The plain node: parameters, model and every interface at construction; serving until shut down."""
+
+    def __init__(self, node_name: str = "mobilevlm_node", **kwargs):
+        super().__init__(node_name, **kwargs)
+        self.config = declare_and_read_config(self)
+        self.get_logger().info(f"loading {self.config.model_path} ({self.config.backend}, {self.config.device}, "
+                               f"{self.config.dtype})")
+        started = time.monotonic()
+        loaded = load_pipeline(self.config, self.get_logger())
+        self.get_logger().info(f"model ready in {time.monotonic() - started:.1f} s")
+        # Interfaces only once the model is loaded: a client that sees the service can be answered.
+        self.scene = SceneInterface(self, self.create_publisher(SceneCaption, "caption", 10),
+                                    self.config.diagnostics_period_s)
+        self.scene.bind(self.config, loaded)
+        self.scene.start()
+
+    @property
+    def executor_threads(self) -> int:
+        return self.config.server.queue_length + 4
+
+    @property
+    def server(self) -> SceneServer:
+        return self.scene.server
+
+    @property
+    def in_flight(self) -> int:
+        return self.scene.in_flight
+
+    def diagnostic_status(self) -> list[DiagnosticStatus]:
+        return self.scene.diagnostic_status()
+
     def shutdown_gracefully(self, executor, timeout_s: float = 10.0) -> None:
         """Answer everything in flight (SHUTTING_DOWN or the finished answer) before the node goes away."""
-        self.server.shutdown()
-        deadline = time.monotonic() + timeout_s
-        while self.in_flight and time.monotonic() < deadline:
-            executor.spin_once(timeout_sec=0.05)
+        self.scene.shutdown_requests()
+        self.scene.wait_idle(timeout_s, spin=lambda t: executor.spin_once(timeout_sec=t))
         # An action's result reaches its client through a get_result task that resumes only after the goal has
         # finished; keep the executor turning briefly so those responses go out too.
-        flush_until = min(deadline, time.monotonic() + 1.0)
+        flush_until = time.monotonic() + 1.0
         while time.monotonic() < flush_until:
             executor.spin_once(timeout_sec=0.05)
 

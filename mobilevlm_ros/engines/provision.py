@@ -156,6 +156,13 @@ def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precis
     if backend not in ENGINE_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
     device = model.llm.embed_tokens.weight.device
+    if backend == "tensorrt":  # say so before spending time on an export
+        from . import tensorrt_backend
+
+        if device.type != "cuda":
+            raise EngineUnavailable(f"the tensorrt backend needs a CUDA device (the model is on {device})")
+        if not tensorrt_backend.available():
+            raise EngineUnavailable("TensorRT is not installed (on Jetson: JetPack 6's python3-libnvinfer)")
     encoder = VisualEncoder.from_model(model)
     image_size = model.config.vision.image_size
     onnx_path = onnx_path_for(encoder, engines_dir, image_size)
