@@ -8,12 +8,14 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.1"],
     extras_require={
-        "test": ["pytest", "rosbags"],
+        "test": ["pytest", "rosbags", "vermin"],
     },
     entry_points={
         "console_scripts": [
             "mobilevlm-ask = mobilevlm_ros.cli.ask:main",
             "mobilevlm_node = mobilevlm_ros.node:main",
+            "mobilevlm_lifecycle_node = mobilevlm_ros.lifecycle_node:main",
+            "mobilevlm-manifest = mobilevlm_ros.cli.manifest:main",
             "mobilevlm-replay-bag = mobilevlm_ros.bags:main",
             "mobilevlm-demo = mobilevlm_ros.demo.run:main",
         ],
