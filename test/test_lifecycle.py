@@ -45,16 +45,17 @@ PARAMS = {
 class LifecycleProcess(NodeProcess):
     """mobilevlm_lifecycle_node in its own process (rosgraph's NodeProcess runs the plain node)."""
 
-    def __init__(self, env: dict, params_file, log_path, ros_args=()):
+    def __init__(self, env: dict, params_files: list, log_path, ros_args=()):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([*LIFECYCLE_EXE, "--ros-args", "--params-file", str(params_file),
-                                      *ros_args], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        files = [arg for path in params_files for arg in ("--params-file", str(path))]  # later files win
+        self.proc = subprocess.Popen([*LIFECYCLE_EXE, "--ros-args", *files, *ros_args], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
 
 
 def start_lifecycle_node(graph: Graph, params: dict, name: str, ns: str) -> LifecycleProcess:
     params_file = write_params(graph.tmp_path / f"{name}.yaml", params)
-    process = LifecycleProcess(graph.env, params_file, graph.tmp_path / f"{name}.log", ["-r", f"__ns:={ns}"])
+    process = LifecycleProcess(graph.env, [params_file], graph.tmp_path / f"{name}.log", ["-r", f"__ns:={ns}"])
     graph.processes.append(process)
     return process
 
