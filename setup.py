@@ -9,6 +9,8 @@ setup(
     install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.1"],
     extras_require={
         "test": ["pytest", "rosbags", "vermin"],
+        "engines": ["onnx", "onnxruntime"],
+        "bench": ["onnx", "onnxruntime", "transformers", "llama-cpp-python", "gguf", "matplotlib"],
     },
     entry_points={
         "console_scripts": [
@@ -18,6 +20,8 @@ setup(
             "mobilevlm-manifest = mobilevlm_ros.cli.manifest:main",
             "mobilevlm-replay-bag = mobilevlm_ros.bags:main",
             "mobilevlm-demo = mobilevlm_ros.demo.run:main",
+            "mobilevlm-build-engines = mobilevlm_ros.cli.build_engines:main",
+            "mobilevlm-bench = mobilevlm_ros.bench.cli:main",
         ],
     },
 )
