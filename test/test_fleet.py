@@ -4,6 +4,7 @@ interleaved requests to all three answered by the right robot."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -141,3 +142,25 @@ def test_three_robots_in_one_domain_answer_interleaved_requests(tmp_path):
     for robot, process in processes.items():
         assert process.proc.returncode == 0, process.log()
         assert "shutting down from active" in process.log()
+
+
+def test_unit_files_start_what_the_build_installs(tmp_path):
+    """deploy/*.service: valid for systemd, and they exec the launcher CMake installs with the fleet files."""
+    root = FLEET.parent.parent
+    assert "install(PROGRAMS deploy/mobilevlm_lifecycle_node DESTINATION lib/${PROJECT_NAME})" in \
+        (root / "CMakeLists.txt").read_text()
+    template = (root / "deploy" / "mobilevlm@.service").read_text()
+    assert "install/mobilevlm_ros/lib/mobilevlm_ros/mobilevlm_lifecycle_node" in template
+    assert '__ns:=/%i --params-file "$MOBILEVLM_CONFIG/common.yaml" --params-file "$MOBILEVLM_CONFIG/%i.yaml"' \
+        in template
+    assert "Restart=on-failure" in template and "KillSignal=SIGINT" in template
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    units = tmp_path / "units"
+    units.mkdir()
+    shutil.copy(root / "deploy" / "mobilevlm.service", units / "mobilevlm.service")
+    shutil.copy(root / "deploy" / "mobilevlm@.service", units / "mobilevlm@robot1.service")  # an instance
+    for unit in sorted(units.iterdir()):
+        out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "bad unit file setting" not in out.stderr, out.stderr
