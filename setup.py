@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.1"],
     extras_require={
-        "test": ["pytest", "rosbags", "vermin"],
+        "test": ["pytest", "rosbags", "vermin", "onnx", "onnxruntime"],
         "engines": ["onnx", "onnxruntime"],
         "bench": ["onnx", "onnxruntime", "transformers", "llama-cpp-python", "gguf", "matplotlib"],
     },

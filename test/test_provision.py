@@ -13,8 +13,12 @@ import pytest
 
 from conftest import CHECKPOINTS
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+try:
+    import onnx  # noqa: F401
+    import onnxruntime as ort
+except ImportError:  # the lock test still runs
+    ort = None
+needs_ort = pytest.mark.skipif(ort is None, reason="onnxruntime and onnx stand in for TensorRT here (test extra)")
 
 from mobilevlm_ros.engines import VisualEncoder, cached_onnx  # noqa: E402
 from mobilevlm_ros.engines import provision  # noqa: E402
@@ -80,6 +84,7 @@ def test_file_lock_excludes_other_holders(tmp_path):
     assert lock.exists()  # left in place on purpose
 
 
+@needs_ort
 def test_two_processes_racing_for_one_engine_build_it_once(tmp_path):
     engines = tmp_path / "engines"
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(MODEL), str(engines), str(tmp_path), str(i)],
@@ -108,6 +113,7 @@ def test_two_processes_racing_for_one_engine_build_it_once(tmp_path):
     assert len(list(engines.glob("*.ort.onnx.lock"))) == 1
 
 
+@needs_ort
 def test_onnx_path_matches_the_export_cache(pipelines, tmp_path):
     model = pipelines["MobileVLM_V2-tiny"].model
     encoder = VisualEncoder.from_model(model)
@@ -116,6 +122,7 @@ def test_onnx_path_matches_the_export_cache(pipelines, tmp_path):
     assert cached_onnx(encoder, tmp_path, image_size=model.config.vision.image_size) == expected
 
 
+@needs_ort
 def test_check_says_whether_the_cache_matches_this_device(pipelines, tmp_path, monkeypatch, capsys):
     model = pipelines["MobileVLM_V2-tiny"].model
     engines = tmp_path / "engines"
@@ -155,6 +162,7 @@ def test_check_says_whether_the_cache_matches_this_device(pipelines, tmp_path, m
         assert "CUDA is not available" in capsys.readouterr().err
 
 
+@needs_ort
 def test_no_engine_to_be_had_falls_back_to_torch(pipelines, tmp_path):
     model = pipelines["MobileVLM_V2-tiny"].model
     import torch
