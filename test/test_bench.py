@@ -1,0 +1,104 @@
+"""mobilevlm-bench plumbing on shrunken models (no timing thresholds: speed is reported, never asserted), the
+seeded random weights shared by every stack, and the GGUF export against llama.cpp when installed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mobilevlm_ros.bench.cli import main as bench_main
+from mobilevlm_ros.bench.cli import ratios, table
+from mobilevlm_ros.bench.models import hf_llama_state, init_tensor, random_mobilevlm, real_config
+from mobilevlm_ros.model.config import LlamaConfig
+
+
+def test_real_configs_have_published_dims():
+    c = real_config("MobileVLM-1.7B")
+    assert (c.llama.hidden_size, c.llama.intermediate_size, c.llama.num_layers, c.llama.num_heads) == (2048, 5632, 24, 16)
+    assert c.vision_layers_needed == 23 and c.image_tokens == 144 and c.projector_type == "ldpnet"
+    assert real_config("MobileVLM_V2-1.7B").projector_type == "ldpnetv2"
+    c3 = real_config("MobileVLM-3B")
+    assert (c3.llama.hidden_size, c3.llama.intermediate_size, c3.llama.num_layers, c3.llama.num_heads) == (2560, 6912, 32, 32)
+
+
+def test_seeded_weights_are_reproducible_and_shared():
+    a = init_tensor("llm.layers.0.mlp.up_proj.weight", (64, 32), seed=3)
+    assert torch.equal(a, init_tensor("llm.layers.0.mlp.up_proj.weight", (64, 32), seed=3))
+    assert not torch.equal(a, init_tensor("llm.layers.0.mlp.up_proj.weight", (64, 32), seed=4))
+    assert abs(a.std().item() - 32 ** -0.5) < 0.03
+    config = real_config("MobileVLM-1.7B", llm_layers=1)
+    config = replace(config, llama=replace(config.llama, vocab_size=64))
+    ours = random_mobilevlm(config, vision=False).llm.state_dict()
+    hf = dict(hf_llama_state(config))
+    assert set(hf) == {("model." + k if k != "lm_head.weight" else k) for k in ours}
+    for k, v in ours.items():
+        assert torch.equal(hf["model." + k if k != "lm_head.weight" else k], v)
+
+
+def test_ratios_and_table_from_results():
+    rows = [{"model": "M", "config": "ours-fp32", "decode_tok_s": 6.0, "ttft_ms": 900, "vision_ms": 400,
+             "weights_bytes": 1e9, "peak_rss_bytes": 1.3e9, "peak_over_weights": 1.05},
+            {"model": "M", "config": "hf-fp32", "decode_tok_s": 3.0, "ttft_ms": 1000, "vision_ms": 500,
+             "weights_bytes": 1e9, "peak_rss_bytes": 1.5e9},
+            {"model": "M", "config": "ours-int8", "decode_tok_s": 8.0, "prefill_tok_s": 50,
+             "weights_bytes": 3e8, "peak_rss_bytes": 6e8},
+            {"model": "M", "config": "llamacpp-Q8_0", "decode_tok_s": 10.0, "prefill_tok_s": 100,
+             "weights_bytes": 3e8, "peak_rss_bytes": 5e8},
+            {"model": "M", "config": "ours-int4", "error": "boom"}]
+    r = ratios(rows)["M"]
+    assert r["decode_vs_hf_fp32"] == 2.0 and r["ttft_speedup_vs_hf_fp32"] == pytest.approx(1000 / 900)
+    assert r["decode_vs_llamacpp_8bit"] == 0.8 and r["decode_vs_llamacpp_8bit_config"] == "ours-int8"
+    assert r["prefill_vs_llamacpp_8bit"] == 0.5 and "decode_vs_llamacpp_4bit" not in r
+    md = table(rows)
+    assert "ours-fp32" in md and "error: boom" in md
+
+
+def test_bench_smoke_on_shrunken_models(tmp_path):
+    """The whole pipeline of the benchmark (subprocess per configuration, results, ratios, plot) on a real-width
+    but 1-layer decoder and 2-layer vision tower."""
+    configs = ["ours-int8"]
+    if importlib.util.find_spec("transformers"):
+        configs.append("hf-fp32")
+    code = bench_main(["--models", "MobileVLM_V2-1.7B", "--configs", ",".join(configs), "--llm-layers", "1",
+                       "--vision-layers", "2", "--decode-tokens", "3", "--question-tokens", "4",
+                       "--out", str(tmp_path), "--timeout", "600"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0, [r.get("error") for r in data["results"]]
+    assert [r["config"] for r in data["results"]] == configs
+    for r in data["results"]:
+        for field in ("preprocess_ms", "vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_bytes"):
+            assert r[field] > 0, (r["config"], field)
+        assert r["prefill_tokens"] == 148
+    assert "decode_vs_hf_fp32" in data["ratios"]["MobileVLM_V2-1.7B"] or "hf-fp32" not in configs
+    assert (tmp_path / "results.md").is_file()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec("gguf") and importlib.util.find_spec("llama_cpp")),
+                    reason="needs the bench extra (gguf, llama-cpp-python)")
+def test_gguf_export_computes_our_function_in_llama_cpp(tmp_path):
+    """The same seeded decoder in llama.cpp (F16 GGUF, q/k permuted for GGML's RoPE) and here give the same
+    logits, so the llama.cpp baseline really runs the same weights."""
+    import llama_cpp
+    import numpy as np
+
+    from mobilevlm_ros.bench.gguf_export import write_gguf
+    from mobilevlm_ros.model.quantize import prompt_logits
+
+    config = real_config("MobileVLM-1.7B", llm_layers=2)
+    config = replace(config, llama=LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2,
+                                               num_heads=4, num_kv_heads=4))
+    path = write_gguf(config, tmp_path / "m.gguf", "F16", seed=5)
+    ids = list(range(10, 30))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
+    ours_llm = random_mobilevlm(config, seed=5, vision=False).llm
+    ours_llm.setup_cache(64)
+    ours = prompt_logits(ours_llm, ours_llm.embed_tokens(torch.tensor(ids))[None])
+    assert (theirs - ours).abs().max().item() < 0.05 * ours.abs().max().item()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item() >= 0.9
