@@ -286,12 +286,14 @@ class SceneInterface:
         self.frames = FrameStore()
         self.loaded: LoadedModel | None = None
         self._seq = itertools.count()
-        self._gate = threading.Lock()
+        self._gate = threading.Condition()  # guards _accepting, _refusal, _jobs, _submitting
         self._accepting = False
+        self._submitting = 0  # requests past the gate whose server.submit has not returned yet
         self._refusal = (ErrorCode.NOT_ACTIVE, f"the node is {state}")
         self._jobs: set[Job] = set()  # submitted requests not yet answered
         self._deactivated: set[Job] = set()  # cancelled by a deactivate
         self._in_flight = 0  # request callbacks running (for shutdown's final flush)
+        self._in_flight_lock = threading.Lock()
         self._action_jobs: dict[bytes, Job] = {}
         self._subscriptions: list = []
         self._caption_timer = None
@@ -398,9 +400,11 @@ class SceneInterface:
         return len(jobs), len(late)
 
     def _close_gate(self, code: str, message: str) -> list[Job]:
+        """Refuse new requests from now on; returns every job submitted before (none is still being submitted)."""
         with self._gate:
             self._accepting = False
             self._refusal = (code, message)
+            self._gate.wait_for(lambda: self._submitting == 0, timeout=30.0)
             return list(self._jobs)
 
     def _stop_intake(self) -> None:
@@ -474,27 +478,37 @@ class SceneInterface:
 
     # --- requests ----------------------------------------------------------------------------------------------
     def _track(self, delta: int) -> None:
-        with self._gate:
+        with self._in_flight_lock:
             self._in_flight += delta
 
     @property
     def in_flight(self) -> int:
-        with self._gate:
+        with self._in_flight_lock:
             return self._in_flight
 
     def _submit(self, request: SceneRequest, on_text=None) -> Job:
         """The server's job while the gate is open; otherwise one already answered NOT_ACTIVE / SHUTTING_DOWN.
-        Under the gate's lock, so a deactivate sees every job submitted before it closed the gate."""
+        A request past the gate is counted until it is registered, and closing the gate waits for that count to
+        drop to zero, so a deactivate sees every job submitted before it closed the gate. (The submission itself
+        runs outside the lock: requests validate and tokenize in parallel, as they do without the gate.)"""
         with self._gate:
-            if self._accepting and self.server is not None:
-                job = self.server.submit(request, on_text)
-                if not job.done:
+            server = self.server
+            if not (self._accepting and server is not None):
+                code, message = self._refusal
+                if code == ErrorCode.NOT_ACTIVE:
+                    self.rejected_not_active += 1
+                return _answered_job(request, code, message)
+            self._submitting += 1
+        job = None
+        try:
+            job = server.submit(request, on_text)
+            return job
+        finally:
+            with self._gate:
+                self._submitting -= 1
+                if job is not None and not job.done:
                     self._jobs.add(job)
-                return job
-            code, message = self._refusal
-            if code == ErrorCode.NOT_ACTIVE:
-                self.rejected_not_active += 1
-        return _answered_job(request, code, message)
+                self._gate.notify_all()
 
     def _result(self, job: Job) -> SceneResult:
         """The job's result; a cancel caused by a deactivate is reported as NOT_ACTIVE, not as a client cancel."""
