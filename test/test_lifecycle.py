@@ -201,11 +201,11 @@ def test_every_transition_through_the_lifecycle_services(tmp_path, models):
         # deactivate with a request in flight that finishes within deactivate_timeout_s: answered normally
         lc.set(deactivate_timeout_s=120.0)
         feedback = []
-        handle = goal(graph, robot, 24, feedback)
+        handle = goal(graph, robot, 300, feedback)
         wait_until(lambda: feedback, what="generation under way")
         assert lc.transition(Transition.TRANSITION_DEACTIVATE) is True
         finished = graph.result(handle.get_result_async())
-        assert finished.status == GoalStatus.STATUS_SUCCEEDED and finished.result.tokens_generated == 24
+        assert finished.status == GoalStatus.STATUS_SUCCEEDED and finished.result.tokens_generated == 300
         assert lc.state() == "inactive"
         assert "deactivated: 1 request(s) were in flight, 1 finished, 0 cancelled" in process.log()
         # ... and new requests are refused at once, by the service and the action
