@@ -391,8 +391,9 @@ class SceneInterface:
         for job in jobs:
             job.wait(max(0.0, deadline - time.monotonic()))
         late = [job for job in jobs if not job.done]
+        with self._gate:
+            self._deactivated.update(late)  # before the cancel, so the answer already says NOT_ACTIVE
         for job in late:
-            self._deactivated.add(job)
             job.cancel()  # the worker stops within one token; queued ones never start
         for job in late:
             job.wait(30.0)

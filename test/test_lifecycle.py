@@ -71,6 +71,18 @@ class Lifecycle:
         self.params = graph.node.create_client(SetParameters, f"{node}/set_parameters")
         for client in (self.change, self.get, self.params):
             graph.wait_for_service(client, process)
+        # A service is "ready" once the client's requests reach the server; the server's responses find the
+        # client only when it has discovered the client's response reader too (on a loaded machine that can lag,
+        # and a response sent before is lost). One get_state round trip (idempotent, retried) settles discovery
+        # before the first transition is requested.
+        def answered():
+            if process.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {process.proc.returncode}:\n{process.log()}")
+            try:
+                return graph.result(self.get.call_async(GetState.Request()), 5.0)
+            except TimeoutError:
+                return None
+        wait_until(answered, 120, what=f"a get_state round trip with {node}")
 
     def state(self) -> str:
         return self.graph.call(self.get, GetState.Request()).current_state.label

@@ -128,7 +128,7 @@ class VisionBackend:
 
 def provision_visual_encoder(backend: str, model, engines_dir: Path | str, *, allow_build: bool,
                              max_batch: int = 4, precision: str = "fp16", fallback: bool = True,
-                             lock_timeout_s: float | None = 1800.0,
+                             lock_timeout_s: float | None = 1800.0, workspace_bytes: int | None = None,
                              log: Callable[[str], None] = lambda _: None):
     """(encode_images callable, VisionBackend) for model on backend, with engines from engines_dir.
 
@@ -139,7 +139,8 @@ def provision_visual_encoder(backend: str, model, engines_dir: Path | str, *, al
     if backend == "torch":
         return model.encode_images, VisionBackend("torch", "torch")
     try:
-        return _provision(backend, model, Path(engines_dir), allow_build, max_batch, precision, lock_timeout_s, log)
+        return _provision(backend, model, Path(engines_dir), allow_build, max_batch, precision, lock_timeout_s,
+                          workspace_bytes, log)
     except Exception as e:  # noqa: BLE001 - any reason at all to have no engine means the torch path
         if not fallback:
             raise
@@ -148,7 +149,8 @@ def provision_visual_encoder(backend: str, model, engines_dir: Path | str, *, al
         return model.encode_images, VisionBackend(backend, "torch", fallback_reason=reason)
 
 
-def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precision, lock_timeout_s, log):
+def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precision, lock_timeout_s,
+               workspace_bytes, log):
     from . import make_visual_encoder
     from .cache import EngineCache
     from .visual import VisualEncoder, cached_onnx
@@ -188,7 +190,7 @@ def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precis
                 raise EngineUnavailable(f"no usable {backend} engine in {engines_dir} for this device ({reason}) "
                                         "and build_engines is false; run mobilevlm-build-engines")
             log(f"building {backend} engine {engine_path.name} ({reason})")
-        encode = make_visual_encoder(backend, model, engines_dir, max_batch, precision)
+        encode = make_visual_encoder(backend, model, engines_dir, max_batch, precision, workspace_bytes)
     return encode, VisionBackend(backend, backend, str(engine_path), built=not present, waited_for_lock=waited)
 
 
