@@ -185,6 +185,12 @@ def test_build_engines_cli_onnxruntime_and_ask_backend(pipelines, tmp_path):
     second = _run_cli("mobilevlm_ros.cli.build_engines", "--model", ckpt, "--backend", "onnxruntime",
                       "--engines", engines)
     assert second.returncode == 0 and sorted(p.name for p in Path(engines).iterdir()) == built
+    check = _run_cli("mobilevlm_ros.cli.build_engines", "--check", "--model", ckpt, "--backend", "onnxruntime",
+                     "--engines", engines)
+    assert check.returncode == 0 and json.loads(check.stdout)["match"] is True, check.stderr
+    elsewhere = _run_cli("mobilevlm_ros.cli.build_engines", "--check", "--model", ckpt, "--backend", "onnxruntime",
+                         "--engines", str(tmp_path / "empty"))
+    assert elsewhere.returncode == 1 and json.loads(elsewhere.stdout)["match"] is False
     run = _run_cli("mobilevlm_ros.cli.ask", "--model", ckpt, "--image", str(REFERENCE / "images" / "demo.jpg"),
                    "--max-new-tokens", "6", "--json", "--backend", "onnxruntime", "--engines", engines,
                    "What is this?")

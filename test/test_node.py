@@ -76,6 +76,7 @@ class Robot:
     def __init__(self, graph: Graph, ns: str = NS):
         node = graph.node
         self.graph = graph
+        self.ns = ns
         # A client that sends bursts needs a response history as deep as its burst (the default keeps 10).
         self.ask = node.create_client(AskScene, f"{ns}/ask_scene", qos_profile=QoSProfile(depth=100))
         self.action = ActionClient(node, AskSceneAction, f"{ns}/ask_scene")
@@ -117,6 +118,15 @@ def robot(graph):
     robot.process = process
     yield robot
     assert process.proc.poll() is None, "the node died during the tests:\n" + process.log()
+
+
+def inference_values(robot: Robot) -> dict:
+    """The newest /diagnostics values of this robot's inference status ({} before the first arrives)."""
+    for array in reversed(robot.diagnostics):
+        for status in array.status:
+            if status.name.endswith(f"{robot.ns}/mobilevlm_node: inference"):
+                return {kv.key: kv.value for kv in status.values}
+    return {}
 
 
 def answered_frame(response) -> tuple[int, int, str]:
@@ -297,13 +307,7 @@ def test_captions_and_diagnostics(graph, robot):
     # At most caption_rate_hz (2 Hz): the timer never fires faster, whatever the frame rate.
     assert len(times) - 1 <= (times[-1] - times[0]) * 2.0 + 1
 
-    def inference_status():
-        for array in reversed(robot.diagnostics):  # the newest first
-            for status in array.status:
-                if status.name.endswith("robot7/mobilevlm_node: inference"):
-                    return {kv.key: kv.value for kv in status.values}
-        return None
-    values = wait_until(inference_status, what="diagnostics")
+    values = wait_until(lambda: inference_values(robot), what="diagnostics")
     for key in ("model", "backend", "device", "queue_depth", "rejected_busy", "failed", "total_ms_p50",
                 "vision_ms_p90", "decode_ms_p99"):
         assert key in values, key
@@ -326,9 +330,11 @@ def test_shutdown_answers_requests_in_flight(tmp_path):
         feedback = []
         goal = AskSceneAction.Goal(question=QUESTION, max_new_tokens=1800)
         handle = graph.result(robot.action.send_goal_async(goal, feedback_callback=feedback.append))
+        wait_until(lambda: len(feedback) >= 3, what="generation under way")
         request = AskScene.Request(question=QUESTION, max_new_tokens=1800, temperature=-1.0)
         futures = [robot.ask.call_async(request) for _ in range(3)]
-        wait_until(lambda: len(feedback) >= 3, what="generation under way")
+        wait_until(lambda: inference_values(robot).get("queue_depth") == "3",
+                   what="the three requests queued behind the goal")
         process.proc.send_signal(signal.SIGINT)
         responses = [graph.result(f, 60) for f in futures]
         result = graph.result(handle.get_result_async(), 60)

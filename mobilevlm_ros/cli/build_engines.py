@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace limit")
     p.add_argument("--device", default=None, help="cuda (default for tensorrt) or cpu")
     p.add_argument("--onnx-only", action="store_true", help="only export the ONNX file")
+    p.add_argument("--check", action="store_true",
+                   help="say whether the engine cache matches this device (runtime version, GPU, precision, ONNX "
+                        "hash) without building; exit 0 match, 1 mismatch, 2 cannot check here")
     p.add_argument("--self-test", action="store_true",
                    help="build and run a tiny TensorRT engine to check this installation, then exit")
     return p
@@ -48,10 +51,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model is required (or --self-test)")
     if args.max_batch < 1:
         parser.error("--max-batch must be at least 1")
+    if args.check:
+        from ..engines.provision import check_command
+
+        return check_command(args)
 
     import torch
 
-    from ..engines import EngineRejected, VisualEncoder, cached_onnx, make_visual_encoder
+    from ..engines import EngineRejected, VisualEncoder, cached_onnx
+    from ..engines.provision import provision_visual_encoder
     from ..model import CheckpointError, load_model
 
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
@@ -77,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                   "a Jetson with JetPack 6)", file=sys.stderr)
             return 2
     try:
-        encoder = make_visual_encoder(args.backend, model, engines, args.max_batch, args.precision,
-                                      args.workspace_mib << 20)
+        # Under the engine's build lock, so a node configuring on the same robot never builds it at the same time.
+        encoder, _ = provision_visual_encoder(args.backend, model, engines, allow_build=True,
+                                              max_batch=args.max_batch, precision=args.precision, fallback=False,
+                                              workspace_bytes=args.workspace_mib << 20)
     except EngineRejected as e:
         print(f"mobilevlm-build-engines: {e}", file=sys.stderr)
         return 3
