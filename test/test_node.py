@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from mobilevlm_ros.action import AskScene as AskSceneAction  # noqa: E402
 from mobilevlm_ros.bags import CameraFrame, write_camera_bag  # noqa: E402
 from mobilevlm_ros.msg import SceneCaption  # noqa: E402
 from mobilevlm_ros.srv import AskScene  # noqa: E402
-from rosgraph import Graph, wait_until  # noqa: E402
+from rosgraph import Graph, NodeProcess, wait_until  # noqa: E402
 
 MODEL = CHECKPOINTS / "MobileVLM_V2-tiny"
 NS = "/robot7"
@@ -362,3 +363,19 @@ def test_bad_parameters_stop_the_node_with_a_clear_message(tmp_path, change, mes
     finally:
         env_graph.close()
     assert message in process.log()
+
+
+def test_shipped_params_file_starts_the_node(tmp_path):
+    """config/vlm.yaml as README starts it (here with the reference checkpoint instead of the default model)."""
+    graph = Graph(tmp_path)
+    try:
+        config = Path(__file__).resolve().parent.parent / "config" / "vlm.yaml"
+        process = NodeProcess(graph.env, config, tmp_path / "vlm.log",
+                              ["-p", f"model_path:={MODEL}", "-r", "__ns:=/cfg"])
+        graph.processes.append(process)
+        client = graph.node.create_client(AskScene, "/cfg/ask_scene")
+        graph.wait_for_service(client, process)
+        response = graph.call(client, AskScene.Request(question=QUESTION, temperature=-1.0))
+        assert response.error_code == "NO_FRAME" and "'front'" in response.error_message
+    finally:
+        graph.close()
