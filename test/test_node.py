@@ -4,6 +4,7 @@ The node serves the real tiny V2 reference checkpoint, so answers are checked ag
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import signal
 import subprocess
@@ -95,6 +96,24 @@ class Robot:
         request = AskScene.Request(question=question, camera_id=camera_id, max_new_tokens=max_new_tokens,
                                    temperature=temperature)
         return self.graph.call(self.ask, request, timeout)
+
+    @contextlib.contextmanager
+    def streaming_front(self, period_s: float = 0.1):
+        """A live camera: a fresh front frame every period_s while the block runs."""
+        stop = threading.Event()
+
+        def publish():
+            while not stop.wait(period_s):
+                self.front.publish(image_msg(STREET, time.time_ns()))
+
+        self.publish_front()
+        publisher = threading.Thread(target=publish, daemon=True)
+        publisher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            publisher.join()
 
     def publish_front(self, rgb=STREET, **kwargs) -> int:
         stamp = time.time_ns()
@@ -224,23 +243,11 @@ def test_error_codes_from_real_requests(graph, robot):
 
 
 def test_burst_of_50_gets_answers_or_busy(graph, robot):
-    stop = threading.Event()
-
-    def keep_fresh():
-        while not stop.wait(0.2):
-            robot.front.publish(image_msg(STREET, time.time_ns()))
-
-    publisher = threading.Thread(target=keep_fresh, daemon=True)
-    publisher.start()
-    try:
-        robot.publish_front()
+    with robot.streaming_front():
         wait_until(lambda: robot.question().success, what="a first answer")
         request = AskScene.Request(question=QUESTION, max_new_tokens=8, temperature=-1.0)
         futures = [robot.ask.call_async(request) for _ in range(50)]
         responses = [graph.result(f, 180) for f in futures]
-    finally:
-        stop.set()
-        publisher.join()
     codes = [r.error_code for r in responses]
     assert set(codes) <= {"", "BUSY"}, codes
     assert codes.count("") >= 1 and codes.count("BUSY") >= 1
@@ -251,16 +258,7 @@ def test_burst_of_50_gets_answers_or_busy(graph, robot):
 
 
 def test_cancel_mid_generation_and_no_captions_while_busy(graph, robot):
-    stop = threading.Event()
-
-    def keep_fresh():
-        while not stop.wait(0.1):
-            robot.front.publish(image_msg(STREET, time.time_ns()))
-
-    publisher = threading.Thread(target=keep_fresh, daemon=True)
-    robot.publish_front()
-    publisher.start()
-    try:
+    with robot.streaming_front():
         wait_until(lambda: robot.question().success, what="a fresh frame")
         feedback = []
         goal = AskSceneAction.Goal(question=QUESTION, max_new_tokens=1800, temperature=0.0)
@@ -277,9 +275,6 @@ def test_cancel_mid_generation_and_no_captions_while_busy(graph, robot):
         assert captions_while_busy == []  # captions are skipped, not queued, while a question runs
         count = len(robot.captions)
         wait_until(lambda: len(robot.captions) > count, what="captions resuming when idle")
-    finally:
-        stop.set()
-        publisher.join()
 
 
 def test_captions_and_diagnostics(graph, robot):
