@@ -95,23 +95,18 @@ def test_training_pixels_are_the_pipeline_pixels():
         assert np.array_equal(ours, preprocess(s.image).numpy())
 
 
-def test_training_conversations_tokenize_like_inference_prompts(tmp_path):
+def test_training_blocks_tokenize_like_inference_prompts(tmp_path):
     from mobilevlm_ros.model.tokenizer import Tokenizer
-    from mobilevlm_ros.train.recipe import ConversationEncoder
+    from mobilevlm_ros.train.recipe import BlockEncoder
     from mobilevlm_ros.train.text import corpus, train_tokenizer
 
-    (tmp_path / "tokenizer.model").write_bytes(train_tokenizer(corpus([s for s in SCENES], 0), 512))
+    (tmp_path / "tokenizer.model").write_bytes(train_tokenizer(corpus(SCENES, 0), 512))
     tok = Tokenizer(tmp_path / "tokenizer.model")
-    enc = ConversationEncoder(tok)
-    s = SCENES[0]
-    pairs = [(qa.question, qa.answer) for qa in s.qa]
-    ids, flags = enc.encode(pairs)
-    enc.check(pairs, ids)
-    # The first answer follows exactly the ids a single-turn inference prompt ends with.
-    single = tokenize_with_image(build_prompt([pairs[0][0]]), tok)
-    cut = single.index(-200) + 1
-    first = end = flags.index(True)
-    assert ids[:first] == single[cut:]
-    while end < len(flags) and flags[end]:
-        end += 1
-    assert ids[end - 1] == tok.eos_id and tok.decode(ids[first:end - 1]).strip() == pairs[0][1]
+    enc = BlockEncoder(tok)
+    for qa in SCENES[0].qa:
+        ids, flags = enc.block(qa.question, qa.answer)
+        prompt = tokenize_with_image(build_prompt([qa.question]), tok)
+        assert enc.prefix + [-200] + ids[: flags.index(True)] == prompt  # the pipeline's prompt, then the answer
+        answer = ids[flags.index(True):]
+        assert all(flags[flags.index(True):]) and answer[-1] == tok.eos_id
+        assert tok.decode(answer[:-1]).strip() == qa.answer

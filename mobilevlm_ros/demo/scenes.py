@@ -32,9 +32,9 @@ BOX_COLORS = {"brown": (150, 102, 56), "red": (190, 40, 40), "blue": (40, 80, 19
 COLORED_CLASSES = {"car": CAR_COLORS, "box": BOX_COLORS}
 LIGHT_STATES = ("red", "green")
 # How many of each class a scene asks for (uniform choice; placement may drop an object that does not fit).
-COUNT_CHOICES = {"car": (0, 1, 1, 2, 3), "pedestrian": (0, 1, 1, 2, 3), "cone": (0, 1, 2, 3, 4, 5),
+COUNT_CHOICES = {"car": (0, 1, 1, 2), "pedestrian": (0, 1, 1, 2, 3), "cone": (0, 1, 2, 3, 4, 5),
                  "box": (0, 1, 1, 2), "stop sign": (0, 0, 1), "traffic light": (0, 1)}
-FRAME_SIZES = ((640, 480), (448, 336), (320, 240), (640, 360))
+FRAME_SIZES = ((640, 480), (448, 336), (320, 240), (512, 384))  # 4:3 camera frames
 QUESTION_TYPES = ("color", "count", "light", "presence", "position")
 CAPTION_QUESTIONS = ("Describe the scene.", "Describe the image.", "What do you see?", "Describe this image briefly.",
                      "Give a short caption of the scene.")
@@ -329,8 +329,8 @@ def _draw_traffic_light(c: _Canvas, rng, box, state: str) -> None:
 # layout
 
 # (height as a fraction of the frame height at the nearest row, width / height range)
-SHAPES = {"car": (0.22, (1.6, 2.0)), "pedestrian": (0.30, (0.36, 0.42)), "cone": (0.15, (0.55, 0.7)),
-          "box": (0.13, (1.1, 1.6)), "stop sign": (0.36, (0.28, 0.34)), "traffic light": (0.46, (0.16, 0.19))}
+SHAPES = {"car": (0.28, (1.6, 1.9)), "pedestrian": (0.38, (0.36, 0.42)), "cone": (0.2, (0.55, 0.7)),
+          "box": (0.17, (1.1, 1.5)), "stop sign": (0.44, (0.28, 0.34)), "traffic light": (0.52, (0.17, 0.2))}
 
 
 def _place(rng, cls: str, w: int, h: int, bg: dict, taken: list) -> tuple[float, float, float, float] | None:
@@ -338,9 +338,9 @@ def _place(rng, cls: str, w: int, h: int, bg: dict, taken: list) -> tuple[float,
     frac, (ar_lo, ar_hi) = SHAPES[cls]
     margin = 0.012 * w
     for _ in range(40):
-        y_b = horizon + rng.uniform(0.3, 0.97) * (h - horizon)
+        y_b = horizon + rng.uniform(0.35, 0.98) * (h - horizon)
         depth = (y_b - horizon) / (h - horizon)
-        oh = frac * h * (0.45 + 0.55 * depth) * rng.uniform(0.9, 1.1)
+        oh = frac * h * (0.5 + 0.5 * depth) * rng.uniform(0.9, 1.1)
         ow = oh * rng.uniform(ar_lo, ar_hi)
         if cls in GROUND_CLASSES:
             lo, hi = edge(y_b, -1) + 0.5 * ow, edge(y_b, 1) - 0.5 * ow

@@ -1,5 +1,5 @@
-"""Training examples from generated scenes: pixels exactly as the inference pipeline sees them, dense and global
-targets for the vision pretraining, and tokenized multi-turn conversations for the language phases.
+"""Training examples from generated scenes: pixels exactly as the inference pipeline sees them, dense per-patch
+targets for the vision pretraining, and the scenes' question/answer pairs for the language phases.
 
 Nothing here imports torch at module level, so scene generation can run in worker processes cheaply.
 """
@@ -10,8 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..demo.scenes import (BOX_COLORS, CAR_COLORS, CLASSES, COUNTED_CLASSES, LIGHT_STATES, POSITION_MARGIN, QA,
-                           Scene, make_scene, questions_for)
+from ..demo.scenes import BOX_COLORS, CAR_COLORS, CLASSES, LIGHT_STATES, QA, Scene, make_scene, questions_for
 from ..model.image import CLIP_MEAN, CLIP_STD, RESCALE, expand_to_square, resize_and_crop, to_rgb
 
 IMAGE_SIZE = 336
@@ -20,12 +19,6 @@ GRID = IMAGE_SIZE // PATCH  # 24
 NUM_CLASSES = len(CLASSES) + 1  # background + classes
 COLOR_NAMES = tuple(dict.fromkeys(list(CAR_COLORS) + list(BOX_COLORS)))  # red blue green yellow white black brown
 ATTRS = ("none",) + COLOR_NAMES + tuple(f"light_{s}" for s in LIGHT_STATES)
-MAX_COUNT = 5
-# Global targets (one small classifier each): name -> number of classes. -100 marks "no answer".
-GLOBAL_HEADS = {**{f"count_{c}": MAX_COUNT + 1 for c in COUNTED_CLASSES},
-                **{f"present_{c}": 2 for c in CLASSES},
-                "color_car": len(CAR_COLORS), "color_box": len(BOX_COLORS), "light": len(LIGHT_STATES),
-                **{f"position_{c}": 2 for c in CLASSES}}
 
 
 @dataclass
@@ -34,7 +27,6 @@ class Example:
     patch_class: np.ndarray | None  # [24, 24, NUM_CLASSES] float16: fraction of each patch covered by each class
     patch_attr: np.ndarray | None  # [24, 24, len(ATTRS)] float16
     patch_center: np.ndarray | None  # [24, 24] int8: class + 1 of an object centred in the patch, else 0
-    global_targets: np.ndarray  # [len(GLOBAL_HEADS)] int16, -100 = no target
     scene: Scene  # image and labels dropped (kept small for pickling)
 
 
@@ -58,27 +50,6 @@ def _square_labels(labels: np.ndarray, size: int) -> tuple[np.ndarray, float, in
     canvas[oy:oy + h, ox:ox + w] = labels
     resized = np.asarray(Image.fromarray(canvas).resize((size, size), Image.NEAREST))
     return resized, size / side, ox, oy
-
-
-def global_targets(scene: Scene) -> np.ndarray:
-    width = scene.meta["width"]
-    by_class = {c: [o for o in scene.objects if o.cls == c] for c in CLASSES}
-    t = {}
-    for c in COUNTED_CLASSES:
-        t[f"count_{c}"] = min(len(by_class[c]), MAX_COUNT)
-    for c in CLASSES:
-        t[f"present_{c}"] = int(bool(by_class[c]))
-        pos = -100
-        if len(by_class[c]) == 1:
-            x = by_class[c][0].center_x / width
-            if abs(x - 0.5) > POSITION_MARGIN:
-                pos = int(x > 0.5)
-        t[f"position_{c}"] = pos
-    t["color_car"] = list(CAR_COLORS).index(by_class["car"][0].color) if len(by_class["car"]) == 1 else -100
-    t["color_box"] = list(BOX_COLORS).index(by_class["box"][0].color) if len(by_class["box"]) == 1 else -100
-    t["light"] = (LIGHT_STATES.index(by_class["traffic light"][0].state)
-                  if len(by_class["traffic light"]) == 1 else -100)
-    return np.array([t[name] for name in GLOBAL_HEADS], dtype=np.int16)
 
 
 def make_example(seed: int, index: int, dense: bool = True) -> Example:
@@ -105,7 +76,7 @@ def make_example(seed: int, index: int, dense: bool = True) -> Example:
         patch_attr = _patch_fractions(patch_id, attr_lut[labels], len(ATTRS))
     small = Scene(image=np.zeros((0, 0, 3), np.uint8), objects=scene.objects, caption=scene.caption, qa=scene.qa,
                   seed=seed, index=index, meta=scene.meta)
-    return Example(pixels, patch_class, patch_attr, patch_center, global_targets(small), small)
+    return Example(pixels, patch_class, patch_attr, patch_center, small)
 
 
 def _patch_fractions(patch_id: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:

@@ -29,10 +29,8 @@ def _token(content: str, added: bool = False) -> dict:
 
 def state_dict(vision, model: nn.Module) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in vision.tower.state_dict().items():
+    for name, t in vision.tower.state_dict().items():  # the layers MobileVLM reads (see VisionPretrainer)
         tensors[VISION_PREFIX + name] = t
-    for name, t in vision.post_layernorm.state_dict().items():
-        tensors[VISION_PREFIX + "post_layernorm." + name] = t
     for name, t in model.mm_projector.state_dict().items():
         tensors["model.mm_projector." + name] = t
     for name, t in model.llm.state_dict().items():

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..model.clip import CLIPVisionTower
 from ..model.config import VisionConfig
-from .data import ATTRS, GLOBAL_HEADS, NUM_CLASSES
+from .data import ATTRS, NUM_CLASSES
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -33,80 +33,78 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """[grid * grid, dim] fixed 2-D sine-cosine embeddings, rows in row-major patch order."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    out = [f(c.reshape(-1, 1) * omega) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    emb = torch.cat(out, dim=1)
+    return torch.nn.functional.pad(emb, (0, dim - emb.shape[1])).float()
+
+
 class VisionPretrainer(nn.Module):
-    """The whole CLIP ViT (all layers + post_layernorm, the published CLIPVisionModel) with pretraining heads.
+    """The CLIP ViT tower MobileVLM reads (layers up to ``select_layer``) with dense pretraining heads.
 
     Stands in for CLIP's web-scale contrastive pretraining, which a demo cannot afford: the generator's ground
-    truth supervises the tower directly. Dense heads read the patch tokens MobileVLM takes
-    (hidden_states[select_layer]): the class and attribute covering each patch and object centres. Global heads
-    read CLIP's pooled output (the last layer's CLS token after post_layernorm) and the mean of the selected
-    patch tokens: counts, presence, colours, light state and left/right.
+    truth supervises the patch tokens MobileVLM takes (hidden_states[select_layer]) directly: the class and the
+    attribute (colour, light state) covering each patch, and the patches holding an object's centre. The layers
+    after the selected one (and post_layernorm) never influence MobileVLM, so they are neither trained nor shipped.
     """
 
     def __init__(self, config: VisionConfig, select_layer: int):
         super().__init__()
         self.config = config
-        self.tower = CLIPVisionTower(config, config.num_layers, keep_cls=True)
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.selected = select_layer % (config.num_layers + 1)  # index into hidden_states
+        self.selected = select_layer % (config.num_layers + 1)  # index into hidden_states = layers computed
+        self.tower = CLIPVisionTower(config, self.selected)
         d = config.hidden_size
-        self.dense = nn.Linear(d, NUM_CLASSES + len(ATTRS) + NUM_CLASSES)
-        n_global = sum(GLOBAL_HEADS.values())
-        self.pooled_head = nn.Linear(d, n_global)
-        self.patch_mean_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_global))
+        self.dense = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, NUM_CLASSES + len(ATTRS) + NUM_CLASSES))
         init_weights(self)
-        nn.init.normal_(self.tower.embeddings.position_embedding.weight, std=0.02)
+        with torch.no_grad():  # 2-D sin-cos start (as MAE): where a patch is, left/right above all, is linear
+            grid = config.image_size // config.patch_size
+            self.tower.embeddings.position_embedding.weight[1:] = sincos_2d(grid, d)
+            self.tower.embeddings.position_embedding.weight[0] = 0.0
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """-> selected patch features [B, N, D], dense logits [B, N, C], global logits (pooled, patch-mean)."""
-        x = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))
-        selected = x if self.selected == 0 else None
-        for i, layer in enumerate(self.tower.encoder.layers):
-            x = layer(x)
-            if i + 1 == self.selected:
-                selected = x
-        patches = selected[:, 1:]
-        pooled = self.post_layernorm(x[:, 0])
-        return patches, self.dense(patches), (self.pooled_head(pooled), self.patch_mean_head(patches.mean(1)))
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        """-> patch features [B, N, D] (what MobileVLM's tower returns), dense logits [B, N, C]."""
+        features = self.tower(pixel_values)
+        return features, self.dense(features)
 
     def features(self, pixel_values: Tensor) -> Tensor:
-        """What MobileVLM's vision tower returns: hidden_states[select_layer] without CLS."""
-        x = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))
-        for layer in self.tower.encoder.layers[: self.selected]:
-            x = layer(x)
-        return x[:, 1:]
+        return self.tower(pixel_values)
 
 
-def vision_losses(dense: Tensor, global_logits: tuple[Tensor, Tensor], patch_class: Tensor, patch_attr: Tensor,
-                  patch_center: Tensor, targets: Tensor) -> dict[str, Tensor]:
-    """Soft cross-entropy on the patch class/attribute fractions, weighted CE on centres, CE per global head."""
+def vision_losses(dense: Tensor, patch_class: Tensor, patch_attr: Tensor, patch_center: Tensor,
+                  object_weight: float = 10.0) -> dict[str, Tensor]:
+    """Soft cross-entropy on the patch class/attribute fractions (object patches weighted up, as they are a few
+    percent of the frame) and weighted cross-entropy on the centre patches."""
+    weight = 1.0 + (object_weight - 1.0) * (1.0 - patch_class[..., 0])  # [B, N]
+    weight = weight / weight.mean()
+    center_weight = torch.ones(NUM_CLASSES, device=patch_class.device)
+    center_weight[1:] = 20.0  # a centre patch is rare: about one in a hundred
     c_logits, a_logits, z_logits = dense.split([NUM_CLASSES, len(ATTRS), NUM_CLASSES], dim=-1)
-    losses = {
-        "patch_class": -(patch_class * F.log_softmax(c_logits, -1)).sum(-1).mean(),
-        "patch_attr": -(patch_attr * F.log_softmax(a_logits, -1)).sum(-1).mean(),
+    return {
+        "class": (-(patch_class * F.log_softmax(c_logits, -1)).sum(-1) * weight).mean(),
+        "attr": (-(patch_attr * F.log_softmax(a_logits, -1)).sum(-1) * weight).mean(),
+        "center": F.cross_entropy(z_logits.reshape(-1, NUM_CLASSES), patch_center.reshape(-1).long(),
+                                  weight=center_weight),
     }
-    weight = torch.ones(NUM_CLASSES, device=dense.device)
-    weight[1:] = 20.0  # a centre patch is rare: about one in a hundred
-    losses["patch_center"] = F.cross_entropy(z_logits.reshape(-1, NUM_CLASSES), patch_center.reshape(-1).long(),
-                                             weight=weight)
-    total_g = []
-    for logits in global_logits:
-        parts = logits.split(list(GLOBAL_HEADS.values()), dim=-1)
-        per_head = [F.cross_entropy(p, targets[:, i].long(), ignore_index=-100)
-                    for i, p in enumerate(parts) if (targets[:, i] != -100).any()]
-        total_g.append(torch.stack(per_head).mean())
-    losses["global_pooled"], losses["global_patch_mean"] = total_g
-    return losses
 
 
-def global_accuracy(global_logits: Tensor, targets: Tensor) -> dict[str, float]:
-    out = {}
-    parts = global_logits.split(list(GLOBAL_HEADS.values()), dim=-1)
-    for i, (name, p) in enumerate(zip(GLOBAL_HEADS, parts)):
-        mask = targets[:, i] != -100
-        if mask.any():
-            out[name] = (p.argmax(-1)[mask] == targets[mask, i].long()).float().mean().item()
-    return out
+def dense_report(dense: Tensor, patch_class: Tensor, patch_attr: Tensor, patch_center: Tensor) -> dict[str, float]:
+    """Recall of the patch class over object patches, attribute accuracy, centre recall and false centres/image."""
+    c_logits, a_logits, z_logits = dense.split([NUM_CLASSES, len(ATTRS), NUM_CLASSES], dim=-1)
+    tc = patch_class.argmax(-1)
+    obj = tc > 0
+    ta = patch_attr.argmax(-1)
+    has_attr = ta > 0
+    z = z_logits.argmax(-1)
+    centre = patch_center > 0
+    return {"class_recall": float((c_logits.argmax(-1)[obj] == tc[obj]).float().mean()),
+            "attr_acc": float((a_logits.argmax(-1)[has_attr] == ta[has_attr]).float().mean()),
+            "center_recall": float((z[centre] == patch_center[centre].long()).float().mean()),
+            "false_centers": float(((z > 0) & ~centre).float().sum() / dense.shape[0])}
 
 
 class LoRALinear(nn.Module):
@@ -148,3 +146,35 @@ def merge_lora(module: nn.Module) -> None:
             setattr(module, name, child.merged())
         else:
             merge_lora(child)
+
+
+def packed_forward(llm, embeds: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    """The decoder over packed sequences: hidden states [B, T, D] before the final norm.
+
+    positions [B, T] are each token's RoPE position and mask [B, T, T] (True = may attend) says which earlier
+    tokens it sees, so several single-turn conversations sharing one prompt prefix and image can be packed into
+    one row and each is computed exactly as inference computes it alone (same positions, same visible tokens).
+    Uses the very layers of ``MobileLlama`` (LoRA-wrapped projections included).
+    """
+    from ..model.llama import apply_rope, rope_tables
+
+    cfg = llm.config
+    b, t, d = embeds.shape
+    cos_t, sin_t = rope_tables(int(positions.max()) + 1, cfg.head_dim, cfg.rope_theta)
+    cos, sin = cos_t.to(embeds)[positions][:, None], sin_t.to(embeds)[positions][:, None]  # [B, 1, T, hd]
+    attn_mask = mask[:, None]
+    x = embeds
+    for layer in llm.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attn.num_kv_heads != attn.num_heads:
+            repeat = attn.num_heads // attn.num_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, d))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x

@@ -30,8 +30,8 @@ from ..model.prompt import build_prompt, tokenize_with_image
 from ..model.projector import build_projector
 from ..model.tokenizer import Tokenizer
 from .data import Example, conversation, make_examples, normalize
-from .modules import VisionPretrainer, add_lora, init_weights, merge_lora, vision_losses
-from .text import conversation_text, corpus, train_tokenizer
+from .modules import VisionPretrainer, add_lora, init_weights, merge_lora, packed_forward, vision_losses
+from .text import corpus, train_tokenizer
 
 IMAGE_TOKENS = 144
 
@@ -125,53 +125,81 @@ class Trainer:
 # conversations -> token ids
 
 
-class ConversationEncoder:
-    """Token ids of v1-template conversations exactly as inference builds its prompts, answer tokens marked."""
+class BlockEncoder:
+    """Token ids of single-turn v1 conversations exactly as inference builds them, answer tokens marked.
+
+    Every prompt is ``prefix <image> block``: the prefix (BOS, system prompt, "USER:") is the same for all, the
+    block is the rest ("\n{question} ASSISTANT: {answer}</s>"). Blocks are tokenized through the inference code
+    (build_prompt + tokenize_with_image), so training sees the very ids the pipeline produces.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         ids = tokenize_with_image(build_prompt(["x"]), tokenizer)
-        self.prefix = ids[: ids.index(-200)]  # BOS + system prompt + "USER:": the same for every conversation
+        self.prefix = ids[: ids.index(-200)]
+        self._cache: dict[tuple[str, str], tuple[list[int], list[bool]]] = {}
 
-    def encode(self, pairs: list[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-        """-> (ids after the image, is-answer flag per id)."""
-        texts: list[str] = []
-        spans = []
-        for q, a in pairs:
-            texts.append(q)
-            prompt = build_prompt(texts)
+    def block(self, question: str, answer: str) -> tuple[list[int], list[bool]]:
+        key = (question, answer)
+        if key not in self._cache:
+            prompt = build_prompt([question])
             asked = tokenize_with_image(prompt, self.tok)
-            answered = tokenize_with_image(prompt + " " + a + "</s>", self.tok)
-            spans.append((len(asked), len(answered)))
-            texts.append(a)
-        full = answered
-        assert full[: len(self.prefix)] == self.prefix and full[len(self.prefix)] == -200
-        flags = [False] * len(full)
-        for lo, hi in spans:
-            flags[lo:hi] = [True] * (hi - lo)
-        cut = len(self.prefix) + 1
-        return full[cut:], flags[cut:]
-
-    def check(self, pairs: list[tuple[str, str]], ids: list[int]) -> None:
-        """Each answer's ids must also be a prefix-consistent continuation of its own prompt."""
-        texts = [t for pair in pairs for t in pair]
-        whole = tokenize_with_image(build_prompt(texts[:-1]) + " " + texts[-1] + "</s>", self.tok)
-        assert whole[len(self.prefix) + 1:] == ids
+            full = tokenize_with_image(prompt + " " + answer + "</s>", self.tok)
+            cut = len(self.prefix) + 1
+            assert full[: len(asked)] == asked and asked[:cut] == self.prefix + [-200], (question, answer)
+            ids = full[cut:]
+            self._cache[key] = ids, [i >= len(asked) - cut for i in range(len(ids))]
+        return self._cache[key]
 
 
-def pad_batch(seqs: list[list[int]], flags: list[list[bool]]) -> tuple[Tensor, Tensor]:
-    """ids [B, R] (padded with 0) and next-token targets [B, R] aligned to the input positions before each id."""
-    r = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), r, dtype=torch.long)
-    targets = torch.full((len(seqs), r), -100, dtype=torch.long)
-    for i, (s, f) in enumerate(zip(seqs, flags)):
-        ids[i, : len(s)] = torch.tensor(s)
-        targets[i, : len(s)] = torch.where(torch.tensor(f), torch.tensor(s), torch.tensor(-100))
-    return ids, targets
+@dataclass
+class PackedBatch:
+    """Rows of blocks packed after a shared context (prefix [+ image]); see modules.packed_forward."""
+
+    ids: Tensor  # [B, R] block tokens (0-padded)
+    positions: Tensor  # [B, C + R]
+    mask: Tensor  # [B, C + R, C + R]
+    pred_rows: Tensor  # [N] row of each supervised token
+    pred_cols: Tensor  # [N] position (in C + R) whose output predicts it
+    targets: Tensor  # [N] the supervised token ids
+
+
+def pack(rows: list[list[tuple[list[int], list[bool]]]], context: int, all_tokens: bool = False) -> PackedBatch:
+    """Each row: blocks (ids, answer flags). A block token sees the context and its own block, causally, at the
+    positions it would have alone; supervised: answer tokens (all but each block's first with all_tokens)."""
+    lengths = [sum(len(ids) for ids, _ in row) for row in rows]
+    r = max(lengths)
+    b = len(rows)
+    ids = torch.zeros(b, r, dtype=torch.long)
+    block_of = torch.full((b, r), -1, dtype=torch.long)
+    offset_in_block = torch.zeros(b, r, dtype=torch.long)
+    pred_rows, pred_cols, targets = [], [], []
+    for i, row in enumerate(rows):
+        o = 0
+        for j, (block, flags) in enumerate(row):
+            n = len(block)
+            ids[i, o: o + n] = torch.tensor(block)
+            block_of[i, o: o + n] = j
+            offset_in_block[i, o: o + n] = torch.arange(n)
+            for k in range(1, n):
+                if flags[k] or all_tokens:
+                    pred_rows.append(i)
+                    pred_cols.append(context + o + k - 1)
+                    targets.append(block[k])
+            o += n
+    same = (block_of[:, :, None] == block_of[:, None, :]) & (block_of[:, :, None] >= 0)
+    causal = torch.ones(r, r, dtype=torch.bool).tril()
+    mask = torch.zeros(b, context + r, context + r, dtype=torch.bool)
+    mask[:, :context, :context] = torch.ones(context, context, dtype=torch.bool).tril()
+    mask[:, context:, :context] = True
+    mask[:, context:, context:] = same & causal
+    positions = torch.cat([torch.arange(context).expand(b, -1), context + offset_in_block], dim=1)
+    return PackedBatch(ids, positions, mask, torch.tensor(pred_rows), torch.tensor(pred_cols),
+                       torch.tensor(targets))
 
 
 class VLMForTraining(nn.Module):
-    """Projector + LLM over cached vision features, the image spliced after the fixed system prefix."""
+    """Projector + LLM over cached vision features: prefix, image, then packed single-turn blocks."""
 
     def __init__(self, config: MobileVLMConfig, prefix: list[int]):
         super().__init__()
@@ -179,15 +207,17 @@ class VLMForTraining(nn.Module):
         self.llm = MobileLlama(config.llama)
         self.register_buffer("prefix", torch.tensor(prefix), persistent=False)
 
-    def loss(self, features: Tensor, ids: Tensor, targets: Tensor) -> Tensor:
-        """features [B, 576, Dv]; ids/targets [B, R]: the text after the image and its answer targets."""
-        b = ids.shape[0]
-        image = self.mm_projector(features)
+    def loss(self, features: Tensor | None, batch: PackedBatch) -> Tensor:
+        """features [B, 576, Dv] (None: text only, the blocks follow the prefix directly)."""
+        b = batch.ids.shape[0]
         embed = self.llm.embed_tokens
-        embeds = torch.cat([embed(self.prefix).expand(b, -1, -1), image, embed(ids)], dim=1)
-        start = self.prefix.numel() + image.shape[1] - 1  # the position whose output predicts ids[:, 0]
-        logits = self.llm.forward_all(embeds)[:, start: start + ids.shape[1]]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        parts = [embed(self.prefix).expand(b, -1, -1)]
+        if features is not None:
+            parts.append(self.mm_projector(features))
+        parts.append(embed(batch.ids))
+        hidden = packed_forward(self.llm, torch.cat(parts, dim=1), batch.positions, batch.mask)
+        logits = self.llm.lm_head(self.llm.norm(hidden[batch.pred_rows, batch.pred_cols]))
+        return F.cross_entropy(logits, batch.targets)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,16 +237,13 @@ def pretrain_vision(recipe: Recipe, examples: list[Example], log) -> VisionPretr
     patch_class = torch.from_numpy(np.stack([e.patch_class for e in examples]).astype(np.float32)).flatten(1, 2)
     patch_attr = torch.from_numpy(np.stack([e.patch_attr for e in examples]).astype(np.float32)).flatten(1, 2)
     patch_center = torch.from_numpy(np.stack([e.patch_center for e in examples])).flatten(1, 2)
-    targets = torch.from_numpy(np.stack([e.global_targets for e in examples]))
     gen = torch.Generator().manual_seed(recipe.seed * 1000 + 1)
     steps = recipe.vision_epochs * (len(examples) // recipe.vision_batch)
     trainer = Trainer(model.parameters(), steps, recipe.vision_lr, log, "vision")
     model.train()
     for idx in _batches(len(examples), recipe.vision_batch, recipe.vision_epochs, gen):
-        x = torch.from_numpy(normalize(pixels[idx.numpy()]))
-        _, dense, global_logits = model(x)
-        parts = vision_losses(dense, global_logits, patch_class[idx], patch_attr[idx], patch_center[idx],
-                              targets[idx])
+        _, dense = model(torch.from_numpy(normalize(pixels[idx.numpy()])))
+        parts = vision_losses(dense, patch_class[idx], patch_attr[idx], patch_center[idx])
         trainer.step(sum(parts.values()), parts)
     return model.eval()
 
@@ -230,55 +257,34 @@ def vision_features(model: VisionPretrainer, examples: list[Example], batch: int
     return torch.cat(out)
 
 
-def pretrain_language(recipe: Recipe, model: VLMForTraining, encoder: ConversationEncoder,
+def pretrain_language(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder,
                       examples: list[Example], log) -> None:
-    """Plain-text LM on the generated conversations (no image): the decoder learns the language and formats."""
+    """Plain-text LM on the generated dialogue (no image): the decoder learns the language and answer formats."""
     rng = np.random.default_rng([recipe.seed, 2, 0])
-    tok = encoder.tok
-    skip = len(encoder.prefix)
-    params = list(model.llm.parameters())
-    trainer = Trainer(params, recipe.lm_steps, recipe.lm_lr, log, "language")
+    trainer = Trainer(model.llm.parameters(), recipe.lm_steps, recipe.lm_lr, log, "language")
     model.train()
+    context = len(encoder.prefix)
     for _ in range(recipe.lm_steps):
-        seqs, flags = [], []
-        for j in rng.integers(len(examples), size=recipe.lm_batch):
-            turns = [t for qa in conversation(examples[j].scene, rng) for t in (qa.question, qa.answer)]
-            ids = tok.encode(conversation_text(turns))
-            seqs.append(ids)
-            flags.append([k >= skip for k in range(len(ids))])
-        ids, targets = pad_batch(seqs, flags)
-        logits = model.llm.forward_all(model.llm.embed_tokens(ids))[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), ignore_index=-100)
-        trainer.step(loss)
+        rows = [[encoder.block(qa.question, qa.answer) for qa in conversation(examples[j].scene, rng)]
+                for j in rng.integers(len(examples), size=recipe.lm_batch)]
+        trainer.step(model.loss(None, pack(rows, context, all_tokens=True)))
 
 
-def _vlm_phase(recipe: Recipe, model: VLMForTraining, encoder: ConversationEncoder, examples: list[Example],
-               features: Tensor, steps: int, batch: int, lr: float, make_pairs, name: str, log,
-               rng_tag: int) -> None:
+def _vlm_phase(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder, examples: list[Example],
+               features: Tensor, steps: int, batch: int, lr: float, kinds: tuple[str, ...] | None, name: str,
+               log, rng_tag: int) -> None:
+    """Image + blocks: each scene's questions of the given kinds (None: all) packed into one row."""
     rng = np.random.default_rng([recipe.seed, rng_tag, 0])
     gen = torch.Generator().manual_seed(recipe.seed * 1000 + rng_tag)
     trainer = Trainer(model.parameters(), steps, lr, log, name)
     model.train()
+    context = len(encoder.prefix) + IMAGE_TOKENS
     batches = _batches(len(examples), batch, 10**6, gen)
     for _ in range(steps):
         idx = next(batches)
-        seqs, flags = [], []
-        for j in idx.tolist():
-            ids, f = encoder.encode(make_pairs(examples[j], rng))
-            seqs.append(ids)
-            flags.append(f)
-        ids, targets = pad_batch(seqs, flags)
-        loss = model.loss(features[idx].float(), ids, targets)
-        trainer.step(loss)
-
-
-def _caption_pair(example: Example, rng) -> list[tuple[str, str]]:
-    qa = [q for q in conversation(example.scene, rng) if q.kind == "caption"][0]
-    return [(qa.question, qa.answer)]
-
-
-def _all_pairs(example: Example, rng) -> list[tuple[str, str]]:
-    return [(qa.question, qa.answer) for qa in conversation(example.scene, rng)]
+        rows = [[encoder.block(qa.question, qa.answer) for qa in conversation(examples[j].scene, rng)
+                 if kinds is None or qa.kind in kinds] for j in idx.tolist()]
+        trainer.step(model.loss(features[idx].float(), pack(rows, context)))
 
 
 def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> dict:
@@ -299,7 +305,7 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(sp_bytes)
     tokenizer = Tokenizer(out_dir / "tokenizer.model")
-    encoder = ConversationEncoder(tokenizer)
+    encoder = BlockEncoder(tokenizer)
     timings["tokenizer"] = time.perf_counter() - t
     log(f"tokenizer: {tokenizer.vocab_size} pieces; prompt prefix {len(encoder.prefix)} tokens")
 
@@ -332,7 +338,7 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     log(f"phase 3: projector alignment on captions, {recipe.align_steps} steps")
     model.llm.requires_grad_(False)
     _vlm_phase(recipe, model, encoder, examples, features, recipe.align_steps, recipe.align_batch,
-               recipe.align_lr, _caption_pair, "align", log, 3)
+               recipe.align_lr, ("caption",), "align", log, 3)
     model.llm.requires_grad_(True)
     timings["align"] = time.perf_counter() - t
 
@@ -346,7 +352,7 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
         model.llm.embed_tokens.weight.requires_grad_(True)
         model.llm.lm_head.weight.requires_grad_(True)
     _vlm_phase(recipe, model, encoder, examples, features, steps, recipe.instruct_batch, recipe.instruct_lr,
-               _all_pairs, "instruct", log, 4)
+               None, "instruct", log, 4)
     if recipe.lora_rank:
         merge_lora(model.llm)
     timings["instruct"] = time.perf_counter() - t
