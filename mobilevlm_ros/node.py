@@ -104,7 +104,16 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     def p(name, default):
         return _param(node, name, default)
 
-    model_path = p("model_path", "") or _default_model_path()
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    model_path = p("model_path", "")
+    if not model_path:
+        model_path = _default_model_path()
+        check(Path(model_path, "config.json").is_file(),
+              f"model_path is empty and the bundled demo model ({model_path}) is not installed: set model_path to "
+              "a MobileVLM checkpoint directory")
     vision_tower = p("vision_tower", "")
     device = p("device", "cpu")
     dtype = p("dtype", "float32")
@@ -127,10 +136,6 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     caption_max_new_tokens = p("caption_max_new_tokens", 48)
     diagnostics_period_s = float(p("diagnostics_period_s", 1.0))
     deactivate_timeout_s = float(p("deactivate_timeout_s", 5.0))
-
-    def check(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
 
     check(Path(model_path).is_dir(), f"model_path {model_path!r} is not a directory")
     check(device == "cpu" or device.startswith("cuda"), f"device {device!r}: expected cpu, cuda or cuda:N")
