@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="MobileVLM vision-language inference for ROS 2 robots",
     packages=find_packages(include=["mobilevlm_ros", "mobilevlm_ros.*"]),
+    package_data={"mobilevlm_ros": ["demo_model/*", "demo_model/*/*"]},  # the bundled demo checkpoint
     python_requires=">=3.10",
     install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.1"],
     extras_require={
@@ -22,6 +23,7 @@ setup(
             "mobilevlm-demo = mobilevlm_ros.demo.run:main",
             "mobilevlm-build-engines = mobilevlm_ros.cli.build_engines:main",
             "mobilevlm-bench = mobilevlm_ros.bench.cli:main",
+            "mobilevlm-train-demo = mobilevlm_ros.train.cli:main",
         ],
     },
 )

@@ -21,19 +21,17 @@ autostart leaves the node unconfigured and reporting why, rather than exiting in
 """
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 import time
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
-from rclpy.signals import SignalHandlerOptions
 
 from .manifest import ManifestError, MemoryCheckError
 from .msg import SceneCaption
-from .node import MAX_QUEUE_LENGTH, SceneInterface, _param, declare_and_read_config, load_pipeline
+from .node import MAX_QUEUE_LENGTH, SceneInterface, _param, declare_and_read_config, load_pipeline, run_node
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE
@@ -155,48 +153,34 @@ class MobileVLMLifecycleNode(LifecycleNode):
         self._once(shutdown)
 
 
-def main(args: list[str] | None = None) -> int:
-    # Our own signal handling (see mobilevlm_ros.node.main): SIGINT/SIGTERM run the shutdown transition, so every
-    # request in flight is answered before the context goes away.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    node = None
-    executor = None
+def _serve(node: MobileVLMLifecycleNode, executor: MultiThreadedExecutor, stop: threading.Event) -> int:
+    """Turn the executor until the node is finalized; SIGINT/SIGTERM run the shutdown transition, so every request
+    in flight is answered before the context goes away."""
+    node.get_logger().info(f"lifecycle node up (unconfigured): {node.get_fully_qualified_name()}/change_state"
+                           + ("; autostart" if node.autostart else ""))
+    if node.autostart:
+        node.request_autostart()
     code = 0
-    try:
-        node = MobileVLMLifecycleNode()
-        executor = MultiThreadedExecutor(num_threads=node.executor_threads)
-        executor.add_node(node)
-        node.get_logger().info(f"lifecycle node up (unconfigured): {node.get_fully_qualified_name()}/change_state"
-                               + ("; autostart" if node.autostart else ""))
-        if node.autostart:
-            node.request_autostart()
-        stop_deadline = None
-        while rclpy.ok() and not node.finalized.is_set():
-            if stop.is_set() and stop_deadline is None:
-                node.request_shutdown()
-                stop_deadline = time.monotonic() + 120.0  # a configure in progress finishes first
-            if stop_deadline is not None and time.monotonic() > stop_deadline:
-                node.get_logger().error("shutdown did not complete in 120 s; exiting")
-                code = 1
-                break
-            executor.spin_once(timeout_sec=0.1)
-        # The shutdown transition's own response, and action results whose get_result task resumes only after
-        # the goal finished, go out while the executor keeps turning a little longer.
-        flush_until = time.monotonic() + 1.0
-        while rclpy.ok() and time.monotonic() < flush_until:
-            executor.spin_once(timeout_sec=0.05)
-        return code
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 0
-    finally:
-        if executor is not None:
-            executor.shutdown()
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    stop_deadline = None
+    while rclpy.ok() and not node.finalized.is_set():
+        if stop.is_set() and stop_deadline is None:
+            node.request_shutdown()
+            stop_deadline = time.monotonic() + 120.0  # a configure in progress finishes first
+        if stop_deadline is not None and time.monotonic() > stop_deadline:
+            node.get_logger().error("shutdown did not complete in 120 s; exiting")
+            code = 1
+            break
+        executor.spin_once(timeout_sec=0.1)
+    # The shutdown transition's own response, and action results whose get_result task resumes only after
+    # the goal finished, go out while the executor keeps turning a little longer.
+    flush_until = time.monotonic() + 1.0
+    while rclpy.ok() and time.monotonic() < flush_until:
+        executor.spin_once(timeout_sec=0.05)
+    return code
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(args, "mobilevlm_lifecycle_node", MobileVLMLifecycleNode, _serve)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -720,9 +721,11 @@ class MobileVLMNode(Node):
             executor.spin_once(timeout_sec=0.05)
 
 
-def main(args: list[str] | None = None) -> int:
-    # Our own signal handling: rclpy's default SIGINT handler shuts the context down at once, and responses to
-    # requests in flight could no longer be sent.
+def run_node(args: list[str] | None, name: str, make_node: Callable[[], Node],
+             serve: Callable[[Node, MultiThreadedExecutor, threading.Event], int]) -> int:
+    """Process lifetime shared by the plain and the lifecycle node: rclpy with our own signal handling (rclpy's
+    default SIGINT handler shuts the context down at once, and responses to requests in flight could no longer be
+    sent), the node on a multi-threaded executor, ``serve`` until it returns the exit code, then teardown."""
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -731,17 +734,13 @@ def main(args: list[str] | None = None) -> int:
     executor = None
     try:
         try:
-            node = MobileVLMNode()
+            node = make_node()
         except Exception as e:  # noqa: BLE001 - any configuration or model problem stops the node with its reason
-            print(f"[mobilevlm_node] error: {e}", file=sys.stderr, flush=True)
+            print(f"[{name}] error: {e}", file=sys.stderr, flush=True)
             return 1
         executor = MultiThreadedExecutor(num_threads=node.executor_threads)
         executor.add_node(node)
-        node.get_logger().info(f"ready: {node.resolve_service_name('ask_scene')}")
-        while not stop.is_set() and rclpy.ok():
-            executor.spin_once(timeout_sec=0.1)
-        node.shutdown_gracefully(executor)
-        return 0
+        return serve(node, executor, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
         return 0
     finally:
@@ -750,6 +749,18 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
+
+
+def _serve(node: MobileVLMNode, executor: MultiThreadedExecutor, stop: threading.Event) -> int:
+    node.get_logger().info(f"ready: {node.resolve_service_name('ask_scene')}")
+    while not stop.is_set() and rclpy.ok():
+        executor.spin_once(timeout_sec=0.1)
+    node.shutdown_gracefully(executor)
+    return 0
+
+
+def main(args: list[str] | None = None) -> int:
+    return run_node(args, "mobilevlm_node", MobileVLMNode, _serve)
 
 
 if __name__ == "__main__":

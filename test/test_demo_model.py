@@ -66,7 +66,7 @@ def test_accuracy_on_held_out_scenes(vlm):
     for mistake in report.mistakes[:20]:
         print("  miss:", mistake)
     for kind in QUESTION_TYPES:
-        assert report.asked[kind] >= 100, kind
+        assert report.asked[kind] >= 80, kind  # traffic-light questions: about 90 in 200 scenes
         assert report.accuracy(kind) >= MIN_ACCURACY, f"{kind}: {report.accuracy(kind):.3f}"
     assert report.caption_covers == report.scenes, "a caption left out an object class that is present"
 
@@ -80,6 +80,28 @@ def test_mobilevlm_ask_uses_the_bundled_model_by_default(tmp_path, capsys):
     Image.fromarray(scene.image).save(path)
     assert ask.main(["--image", str(path), "How many cones are there?"]) == 0
     assert answer_matches(capsys.readouterr().out, str(scene.count("cone")))
+
+
+def test_train_demo_command_writes_a_loadable_checkpoint(tmp_path):
+    """mobilevlm-train-demo end to end on a toy budget: every phase runs and the result loads and answers through
+    the inference pipeline (the full recipe is the same code with larger numbers)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    toy = {"scenes": 24, "vision_steps": 2, "vision_batch": 4, "align_steps": 1, "align_batch": 4,
+           "instruct_steps": 2, "instruct_batch": 4}
+    cmd = [sys.executable, "-m", "mobilevlm_ros.train.cli", "--out", str(out), "--seed", "3", "--workers", "1"]
+    for name, value in toy.items():
+        cmd += ["--set", f"{name}={value}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "phase 3: instruction tuning" in done.stdout
+    info = json.loads((out / "training.json").read_text())
+    assert info["recipe"]["seed"] == 3 and info["recipe"]["instruct_steps"] == 2
+    vlm = MobileVLMPipeline.load(out, max_seq_len=512)
+    answer = vlm.ask(make_scene(5, 0).image, "How many cones are there?")
+    assert answer.generated_ids and answer.stopped_by in ("eos", "stop_str", "max_new_tokens")
 
 
 def _tiny_training_model(tmp_path):
@@ -99,7 +121,7 @@ def _tiny_training_model(tmp_path):
     cfg = MobileVLMConfig(llama=r.llama_config(tok.vocab_size), vision=r.vision_config(), projector_type="ldpnetv2",
                           mm_hidden_size=r.vision_width, image_aspect_ratio="pad", use_im_patch_token=False)
     torch.manual_seed(0)
-    model = VLMForTraining(cfg, enc.prefix)
+    model = VLMForTraining(cfg, enc.prefix, subject_layer=1)
     init_weights(model, 0.2)
     return model.eval(), enc, scenes
 
@@ -120,7 +142,7 @@ def test_packed_training_forward_equals_single_turn_inference_forward(tmp_path):
     with torch.no_grad():
         image = model.mm_projector(features)
         embeds = torch.cat([embed(model.prefix).expand(2, -1, -1), image, embed(batch.ids)], dim=1)
-        hidden = packed_forward(model.llm, embeds, batch.positions, batch.mask)
+        hidden = packed_forward(model.llm, embeds, batch.positions, batch.mask)[-1]
         packed = model.llm.lm_head(model.llm.norm(hidden[batch.pred_rows, batch.pred_cols]))
         alone = []
         for i, row in enumerate(rows):

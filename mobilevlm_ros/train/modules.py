@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..demo.scenes import CLASSES
 from ..model.clip import CLIPVisionTower
 from ..model.config import VisionConfig
-from .data import ATTRS, NUM_CLASSES
+from .data import ATTRS, GRID, NUM_CLASSES, SCENE_FACTS
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -44,13 +45,20 @@ def sincos_2d(grid: int, dim: int) -> Tensor:
     return torch.nn.functional.pad(emb, (0, dim - emb.shape[1])).float()
 
 
+DENSE_SPLIT = (NUM_CLASSES, len(ATTRS), len(CLASSES), 1)  # class, attribute, density, column
+
+
 class VisionPretrainer(nn.Module):
-    """The CLIP ViT tower MobileVLM reads (layers up to ``select_layer``) with dense pretraining heads.
+    """The CLIP ViT tower MobileVLM reads (layers up to ``select_layer``) with pretraining heads.
 
     Stands in for CLIP's web-scale contrastive pretraining, which a demo cannot afford: the generator's ground
-    truth supervises the patch tokens MobileVLM takes (hidden_states[select_layer]) directly: the class and the
-    attribute (colour, light state) covering each patch, and the patches holding an object's centre. The layers
-    after the selected one (and post_layernorm) never influence MobileVLM, so they are neither trained nor shipped.
+    truth supervises the layers MobileVLM reads. Dense heads on every layer's patch tokens (deep supervision) learn
+    the class and the attribute (colour, light state) covering each patch, each object's share of its pixels (the
+    density map: summed over the patches of a class it is the count) and the patch's column, so the tokens the
+    projector receives say what is where. A head on every output token also learns the scene facts (counts,
+    presence, the single car's colour, ...), which asks the attention to gather the frame's content into each
+    token. The layers after the selected one (and post_layernorm) never influence MobileVLM, so they are neither
+    trained nor shipped.
     """
 
     def __init__(self, config: VisionConfig, select_layer: int):
@@ -59,52 +67,69 @@ class VisionPretrainer(nn.Module):
         self.selected = select_layer % (config.num_layers + 1)  # index into hidden_states = layers computed
         self.tower = CLIPVisionTower(config, self.selected)
         d = config.hidden_size
-        self.dense = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, NUM_CLASSES + len(ATTRS) + NUM_CLASSES))
+        self.dense = nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, sum(DENSE_SPLIT)))
+                                   for _ in range(self.selected))
+        self.scene_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, sum(SCENE_FACTS.values())))
         init_weights(self)
         with torch.no_grad():  # 2-D sin-cos start (as MAE): where a patch is, left/right above all, is linear
             grid = config.image_size // config.patch_size
             self.tower.embeddings.position_embedding.weight[1:] = sincos_2d(grid, d)
             self.tower.embeddings.position_embedding.weight[0] = 0.0
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        """-> patch features [B, N, D] (what MobileVLM's tower returns), dense logits [B, N, C]."""
-        features = self.tower(pixel_values)
-        return features, self.dense(features)
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> patch features [B, N, D] (what MobileVLM's tower returns), every layer's dense outputs
+        [L, B, N, sum(DENSE_SPLIT)] and each patch token's scene-fact logits [B, N, F]."""
+        x = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))
+        dense = []
+        for layer, head in zip(self.tower.encoder.layers, self.dense):
+            x = layer(x)
+            dense.append(head(x[:, 1:]))
+        features = x[:, 1:]
+        return features, torch.stack(dense), self.scene_head(features)
 
     def features(self, pixel_values: Tensor) -> Tensor:
         return self.tower(pixel_values)
 
 
-def vision_losses(dense: Tensor, patch_class: Tensor, patch_attr: Tensor, patch_center: Tensor,
-                  object_weight: float = 10.0) -> dict[str, Tensor]:
-    """Soft cross-entropy on the patch class/attribute fractions (object patches weighted up, as they are a few
-    percent of the frame) and weighted cross-entropy on the centre patches."""
+PATCH_COLUMN = ((torch.arange(GRID * GRID) % GRID).float() - (GRID - 1) / 2) / (GRID / 2)  # -1 left .. 1 right
+
+
+def vision_losses(dense: Tensor, scene_logits: Tensor, patch_class: Tensor, patch_attr: Tensor,
+                  patch_density: Tensor, facts: Tensor, object_weight: float = 10.0) -> dict[str, Tensor]:
+    """Soft cross-entropy on the patch class / attribute fractions (object patches weighted up: they are a few
+    percent of the frame), squared error on the density map (scaled so one object's patches matter) and on the
+    column, and cross-entropy of every token's scene-fact prediction."""
     weight = 1.0 + (object_weight - 1.0) * (1.0 - patch_class[..., 0])  # [B, N]
     weight = weight / weight.mean()
-    center_weight = torch.ones(NUM_CLASSES, device=patch_class.device)
-    center_weight[1:] = 20.0  # a centre patch is rare: about one in a hundred
-    c_logits, a_logits, z_logits = dense.split([NUM_CLASSES, len(ATTRS), NUM_CLASSES], dim=-1)
+    c_logits, a_logits, density, column = dense.split(DENSE_SPLIT, dim=-1)  # [L, B, N, .]
+    b, n, _ = scene_logits.shape
+    per_fact = [F.cross_entropy(part.reshape(b * n, -1), facts[:, i].long().repeat_interleave(n))
+                for i, part in enumerate(scene_logits.split(list(SCENE_FACTS.values()), dim=-1))]
     return {
         "class": (-(patch_class * F.log_softmax(c_logits, -1)).sum(-1) * weight).mean(),
         "attr": (-(patch_attr * F.log_softmax(a_logits, -1)).sum(-1) * weight).mean(),
-        "center": F.cross_entropy(z_logits.reshape(-1, NUM_CLASSES), patch_center.reshape(-1).long(),
-                                  weight=center_weight),
+        "density": 100.0 * (density - patch_density).pow(2).sum(-1).mean(),
+        "column": (column[..., 0] - PATCH_COLUMN.to(column)).pow(2).mean(),
+        "scene": torch.stack(per_fact).mean(),
     }
 
 
-def dense_report(dense: Tensor, patch_class: Tensor, patch_attr: Tensor, patch_center: Tensor) -> dict[str, float]:
-    """Recall of the patch class over object patches, attribute accuracy, centre recall and false centres/image."""
-    c_logits, a_logits, z_logits = dense.split([NUM_CLASSES, len(ATTRS), NUM_CLASSES], dim=-1)
-    tc = patch_class.argmax(-1)
-    obj = tc > 0
-    ta = patch_attr.argmax(-1)
-    has_attr = ta > 0
-    z = z_logits.argmax(-1)
-    centre = patch_center > 0
+def vision_report(dense: Tensor, scene_logits: Tensor, patch_class: Tensor, patch_attr: Tensor,
+                  patch_density: Tensor, facts: Tensor) -> dict[str, float]:
+    """Held-out quality of the output tokens: class recall over object patches, attribute accuracy, counts read off
+    the density map (rounded sum, all classes right) and the scene-fact accuracy (mean, and the worst fact)."""
+    c_logits, a_logits, density, _ = dense[-1].split(DENSE_SPLIT, dim=-1)
+    tc, ta = patch_class.argmax(-1), patch_attr.argmax(-1)
+    obj, has_attr = tc > 0, ta > 0
+    counts_ok = density.sum(1).round() == patch_density.sum(1).round()
+    votes = [p.mean(1).argmax(-1) for p in scene_logits.split(list(SCENE_FACTS.values()), dim=-1)]
+    fact_acc = {name: float((v == facts[:, i].long()).float().mean()) for i, (name, v) in
+                enumerate(zip(SCENE_FACTS, votes))}
+    worst = min(fact_acc, key=fact_acc.get)
     return {"class_recall": float((c_logits.argmax(-1)[obj] == tc[obj]).float().mean()),
             "attr_acc": float((a_logits.argmax(-1)[has_attr] == ta[has_attr]).float().mean()),
-            "center_recall": float((z[centre] == patch_center[centre].long()).float().mean()),
-            "false_centers": float(((z > 0) & ~centre).float().sum() / dense.shape[0])}
+            "density_count_acc": float(counts_ok.float().mean()),
+            "scene_fact_acc": sum(fact_acc.values()) / len(fact_acc), f"worst:{worst}": fact_acc[worst]}
 
 
 class LoRALinear(nn.Module):
@@ -148,8 +173,8 @@ def merge_lora(module: nn.Module) -> None:
             merge_lora(child)
 
 
-def packed_forward(llm, embeds: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
-    """The decoder over packed sequences: hidden states [B, T, D] before the final norm.
+def packed_forward(llm, embeds: Tensor, positions: Tensor, mask: Tensor) -> list[Tensor]:
+    """The decoder over packed sequences: the output [B, T, D] of every layer (the last one before the final norm).
 
     positions [B, T] are each token's RoPE position and mask [B, T, T] (True = may attend) says which earlier
     tokens it sees, so several single-turn conversations sharing one prompt prefix and image can be packed into
@@ -164,6 +189,7 @@ def packed_forward(llm, embeds: Tensor, positions: Tensor, mask: Tensor) -> Tens
     cos, sin = cos_t.to(embeds)[positions][:, None], sin_t.to(embeds)[positions][:, None]  # [B, 1, T, hd]
     attn_mask = mask[:, None]
     x = embeds
+    outputs = []
     for layer in llm.layers:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
@@ -177,4 +203,5 @@ def packed_forward(llm, embeds: Tensor, positions: Tensor, mask: Tensor) -> Tens
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, d))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return x
+        outputs.append(x)
+    return outputs

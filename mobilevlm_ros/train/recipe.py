@@ -2,12 +2,15 @@
 
 Phases (as in the MobileVLM papers, scaled down):
 0. data: render the scenes; train a SentencePiece tokenizer (LLaMA settings) on the generated text.
-1. vision: pretrain a small CLIP ViT-style tower (336 px, patch 14) on the scenes' ground truth; it stays
-   frozen afterwards, as CLIP does in MobileVLM, so its features are computed once and cached.
-2. language: pretrain a small MobileLLaMA on the generated conversations as plain text.
-3. alignment: train only the LDP v2 projector on image -> caption, vision tower and LLM frozen.
-4. instruction tuning: projector + LLM (full fine-tuning, or LoRA with ``lora_rank``) on multi-turn question /
-   answer conversations about each scene, loss on the answers only, as LLaVA/MobileVLM do.
+1. vision: pretrain a small CLIP ViT-style tower (336 px, patch 14) on the scenes' ground truth (see
+   modules.VisionPretrainer); it stays frozen afterwards, as CLIP does in MobileVLM, so its features are computed
+   once and cached.
+2. alignment: train only the LDP v2 projector on image -> caption, the (randomly initialised) LLM frozen.
+3. instruction tuning: projector + LLM (full fine-tuning, or LoRA with ``lora_rank``) on every question / answer
+   pair about each scene, loss on the answers only, as LLaVA/MobileVLM do. A small LLM learns slowly to route
+   a question to the right image facts, so a training-only head at an inner layer also predicts, at the position
+   that starts each answer, the facts about the class the question names (how many, which side, which colour):
+   every question teaches the routing, not only the rare ones that ask for it. The head is not exported.
 Then the model is written in the published MobileVLM_V2 layout and loaded back through the package loader.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..demo.scenes import CLASSES
 from ..model.config import LlamaConfig, MobileVLMConfig, VisionConfig
 from ..model.llama import MobileLlama
-from ..model.prompt import build_prompt, tokenize_with_image
 from ..model.projector import build_projector
+from ..model.prompt import build_prompt, tokenize_with_image
 from ..model.tokenizer import Tokenizer
-from .data import Example, conversation, make_examples, normalize
-from .modules import VisionPretrainer, add_lora, init_weights, merge_lora, packed_forward, vision_losses
+from .data import IGNORE, MAX_COUNT, SUBJECT_ATTRS, Example, conversation, make_examples, normalize, subject_facts
+from .modules import (VisionPretrainer, add_lora, init_weights, merge_lora, packed_forward, vision_losses,
+                      vision_report)
 from .text import corpus, train_tokenizer
 
 IMAGE_TOKENS = 144
+SUBJECT_SPLIT = (len(CLASSES), MAX_COUNT + 1, 2, len(SUBJECT_ATTRS))  # see data.subject_facts
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,10 @@ class Recipe:
     seed: int = 0
     threads: int = 2
     workers: int = 2  # scene-rendering processes
+    scenes: int = 8000
     # model sizes
     vision_width: int = 64
-    vision_layers: int = 3  # select layer -2: the first 2 feed MobileVLM, the last one only CLIP's pooled output
+    vision_layers: int = 4  # select layer -2: MobileVLM reads the first 3; the last only feeds CLIP's own head
     vision_heads: int = 4
     vision_mlp: int = 256
     llm_width: int = 128
@@ -52,23 +59,18 @@ class Recipe:
     llm_mlp: int = 352
     vocab_size: int = 512
     # phase 1
-    vision_scenes: int = 6000
-    vision_epochs: int = 3
+    vision_steps: int = 1300
     vision_batch: int = 32
-    vision_lr: float = 1.5e-3
+    vision_lr: float = 2e-3
     # phase 2
-    lm_steps: int = 150
-    lm_batch: int = 16
-    lm_lr: float = 2e-3
-    # phase 3
-    align_steps: int = 200
+    align_steps: int = 100
     align_batch: int = 16
     align_lr: float = 2e-3
-    # phase 4
-    instruct_scenes: int = 12000  # the phase-1 scenes plus new ones
-    instruct_epochs: int = 2
+    # phase 3
+    instruct_steps: int = 900
     instruct_batch: int = 16
-    instruct_lr: float = 1e-3
+    instruct_lr: float = 3e-3
+    subject_layer: int = 2  # the LLM layer whose output the training-only subject head reads
     lora_rank: int = 0  # 0: full fine-tuning of the LLM
     lora_alpha: float = 16.0
 
@@ -154,7 +156,7 @@ class BlockEncoder:
 
 @dataclass
 class PackedBatch:
-    """Rows of blocks packed after a shared context (prefix [+ image]); see modules.packed_forward."""
+    """Rows of blocks packed after a shared context (prefix + image); see modules.packed_forward."""
 
     ids: Tensor  # [B, R] block tokens (0-padded)
     positions: Tensor  # [B, C + R]
@@ -162,18 +164,22 @@ class PackedBatch:
     pred_rows: Tensor  # [N] row of each supervised token
     pred_cols: Tensor  # [N] position (in C + R) whose output predicts it
     targets: Tensor  # [N] the supervised token ids
+    start_rows: Tensor  # [M] row of each block
+    start_cols: Tensor  # [M] position whose output predicts the block's first answer token
+    subjects: Tensor  # [M, 4] data.subject_facts of each block's question (IGNORE where not given)
 
 
-def pack(rows: list[list[tuple[list[int], list[bool]]]], context: int, all_tokens: bool = False) -> PackedBatch:
+def pack(rows: list[list[tuple[list[int], list[bool]]]], context: int,
+         subjects: list[list[tuple[int, ...]]] | None = None) -> PackedBatch:
     """Each row: blocks (ids, answer flags). A block token sees the context and its own block, causally, at the
-    positions it would have alone; supervised: answer tokens (all but each block's first with all_tokens)."""
+    positions it would have alone; supervised: the answer tokens. subjects: per block, its subject facts."""
     lengths = [sum(len(ids) for ids, _ in row) for row in rows]
     r = max(lengths)
     b = len(rows)
     ids = torch.zeros(b, r, dtype=torch.long)
     block_of = torch.full((b, r), -1, dtype=torch.long)
     offset_in_block = torch.zeros(b, r, dtype=torch.long)
-    pred_rows, pred_cols, targets = [], [], []
+    pred_rows, pred_cols, targets, start_rows, start_cols, facts = [], [], [], [], [], []
     for i, row in enumerate(rows):
         o = 0
         for j, (block, flags) in enumerate(row):
@@ -182,10 +188,13 @@ def pack(rows: list[list[tuple[list[int], list[bool]]]], context: int, all_token
             block_of[i, o: o + n] = j
             offset_in_block[i, o: o + n] = torch.arange(n)
             for k in range(1, n):
-                if flags[k] or all_tokens:
+                if flags[k]:
                     pred_rows.append(i)
                     pred_cols.append(context + o + k - 1)
                     targets.append(block[k])
+            start_rows.append(i)
+            start_cols.append(context + o + flags.index(True) - 1)
+            facts.append(subjects[i][j] if subjects else (IGNORE,) * len(SUBJECT_SPLIT))
             o += n
     same = (block_of[:, :, None] == block_of[:, None, :]) & (block_of[:, :, None] >= 0)
     causal = torch.ones(r, r, dtype=torch.bool).tril()
@@ -194,57 +203,79 @@ def pack(rows: list[list[tuple[list[int], list[bool]]]], context: int, all_token
     mask[:, context:, :context] = True
     mask[:, context:, context:] = same & causal
     positions = torch.cat([torch.arange(context).expand(b, -1), context + offset_in_block], dim=1)
-    return PackedBatch(ids, positions, mask, torch.tensor(pred_rows), torch.tensor(pred_cols),
-                       torch.tensor(targets))
+    return PackedBatch(ids, positions, mask, torch.tensor(pred_rows), torch.tensor(pred_cols), torch.tensor(targets),
+                       torch.tensor(start_rows), torch.tensor(start_cols), torch.tensor(facts, dtype=torch.long))
 
 
 class VLMForTraining(nn.Module):
-    """Projector + LLM over cached vision features: prefix, image, then packed single-turn blocks."""
+    """Projector + LLM over cached vision features (prefix, image, packed blocks), with the training-only subject
+    head on the output of LLM layer ``subject_layer``."""
 
-    def __init__(self, config: MobileVLMConfig, prefix: list[int]):
+    def __init__(self, config: MobileVLMConfig, prefix: list[int], subject_layer: int):
         super().__init__()
         self.mm_projector = build_projector(config)
         self.llm = MobileLlama(config.llama)
+        self.subject_layer = subject_layer
+        d = config.llama.hidden_size
+        self.subject_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, sum(SUBJECT_SPLIT)))
         self.register_buffer("prefix", torch.tensor(prefix), persistent=False)
 
-    def loss(self, features: Tensor | None, batch: PackedBatch) -> Tensor:
-        """features [B, 576, Dv] (None: text only, the blocks follow the prefix directly)."""
+    def losses(self, features: Tensor, batch: PackedBatch) -> dict[str, Tensor]:
+        """features [B, 576, Dv] -> answer cross-entropy and the subject head's (0 where nothing is given)."""
         b = batch.ids.shape[0]
         embed = self.llm.embed_tokens
-        parts = [embed(self.prefix).expand(b, -1, -1)]
-        if features is not None:
-            parts.append(self.mm_projector(features))
-        parts.append(embed(batch.ids))
-        hidden = packed_forward(self.llm, torch.cat(parts, dim=1), batch.positions, batch.mask)
-        logits = self.llm.lm_head(self.llm.norm(hidden[batch.pred_rows, batch.pred_cols]))
-        return F.cross_entropy(logits, batch.targets)
+        embeds = torch.cat([embed(self.prefix).expand(b, -1, -1), self.mm_projector(features), embed(batch.ids)], 1)
+        hidden = packed_forward(self.llm, embeds, batch.positions, batch.mask)
+        logits = self.llm.lm_head(self.llm.norm(hidden[-1][batch.pred_rows, batch.pred_cols]))
+        inner = self.subject_head(hidden[self.subject_layer - 1][batch.start_rows, batch.start_cols])
+        subject = [F.cross_entropy(part, batch.subjects[:, i], ignore_index=IGNORE)
+                   for i, part in enumerate(inner.split(SUBJECT_SPLIT, dim=-1)) if (batch.subjects[:, i] != IGNORE).any()]
+        return {"answer": F.cross_entropy(logits, batch.targets),
+                "subject": torch.stack(subject).sum() if subject else logits.new_zeros(())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # phases
 
 
-def _batches(n: int, batch: int, epochs: int, gen: torch.Generator) -> Iterator[Tensor]:
-    for _ in range(epochs):
+def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
+    """Endless shuffled epochs of index batches."""
+    while True:
         order = torch.randperm(n, generator=gen)
         for i in range(0, n - batch + 1, batch):
             yield order[i: i + batch]
 
 
-def pretrain_vision(recipe: Recipe, examples: list[Example], log) -> VisionPretrainer:
+def _dense_targets(examples: list[Example]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def stacked(name: str) -> Tensor:
+        return torch.from_numpy(np.stack([getattr(e, name) for e in examples]).astype(np.float32)).flatten(1, 2)
+
+    return (stacked("patch_class"), stacked("patch_attr"), stacked("patch_density"),
+            torch.from_numpy(np.stack([e.scene_facts for e in examples])))
+
+
+def pretrain_vision(recipe: Recipe, examples: list[Example], held_out: list[Example], log) -> VisionPretrainer:
     model = VisionPretrainer(recipe.vision_config(), -2)
     pixels = np.stack([e.pixels for e in examples])
-    patch_class = torch.from_numpy(np.stack([e.patch_class for e in examples]).astype(np.float32)).flatten(1, 2)
-    patch_attr = torch.from_numpy(np.stack([e.patch_attr for e in examples]).astype(np.float32)).flatten(1, 2)
-    patch_center = torch.from_numpy(np.stack([e.patch_center for e in examples])).flatten(1, 2)
+    targets = _dense_targets(examples)
+    held_pixels = torch.from_numpy(normalize(np.stack([e.pixels for e in held_out])))
+    held_targets = _dense_targets(held_out)
     gen = torch.Generator().manual_seed(recipe.seed * 1000 + 1)
-    steps = recipe.vision_epochs * (len(examples) // recipe.vision_batch)
-    trainer = Trainer(model.parameters(), steps, recipe.vision_lr, log, "vision")
+    trainer = Trainer(model.parameters(), recipe.vision_steps, recipe.vision_lr, log, "vision")
     model.train()
-    for idx in _batches(len(examples), recipe.vision_batch, recipe.vision_epochs, gen):
-        _, dense = model(torch.from_numpy(normalize(pixels[idx.numpy()])))
-        parts = vision_losses(dense, patch_class[idx], patch_attr[idx], patch_center[idx])
+    batches = _batches(len(examples), recipe.vision_batch, gen)
+    for _ in range(recipe.vision_steps):
+        idx = next(batches)
+        _, dense, scene = model(torch.from_numpy(normalize(pixels[idx.numpy()])))
+        parts = vision_losses(dense, scene, *(t[idx] for t in targets))
         trainer.step(sum(parts.values()), parts)
+        if trainer.step_no % 250 == 0 or trainer.step_no == recipe.vision_steps:
+            with torch.no_grad():
+                model.eval()
+                _, dense, scene = model(held_pixels)
+                model.train()
+            report = vision_report(dense, scene, *held_targets)
+            log(f"  [vision] held-out {len(held_out)} scenes: " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
     return model.eval()
 
 
@@ -257,19 +288,6 @@ def vision_features(model: VisionPretrainer, examples: list[Example], batch: int
     return torch.cat(out)
 
 
-def pretrain_language(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder,
-                      examples: list[Example], log) -> None:
-    """Plain-text LM on the generated dialogue (no image): the decoder learns the language and answer formats."""
-    rng = np.random.default_rng([recipe.seed, 2, 0])
-    trainer = Trainer(model.llm.parameters(), recipe.lm_steps, recipe.lm_lr, log, "language")
-    model.train()
-    context = len(encoder.prefix)
-    for _ in range(recipe.lm_steps):
-        rows = [[encoder.block(qa.question, qa.answer) for qa in conversation(examples[j].scene, rng)]
-                for j in rng.integers(len(examples), size=recipe.lm_batch)]
-        trainer.step(model.loss(None, pack(rows, context, all_tokens=True)))
-
-
 def _vlm_phase(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder, examples: list[Example],
                features: Tensor, steps: int, batch: int, lr: float, kinds: tuple[str, ...] | None, name: str,
                log, rng_tag: int) -> None:
@@ -279,12 +297,17 @@ def _vlm_phase(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder, exa
     trainer = Trainer(model.parameters(), steps, lr, log, name)
     model.train()
     context = len(encoder.prefix) + IMAGE_TOKENS
-    batches = _batches(len(examples), batch, 10**6, gen)
+    batches = _batches(len(examples), batch, gen)
     for _ in range(steps):
         idx = next(batches)
-        rows = [[encoder.block(qa.question, qa.answer) for qa in conversation(examples[j].scene, rng)
-                 if kinds is None or qa.kind in kinds] for j in idx.tolist()]
-        trainer.step(model.loss(features[idx].float(), pack(rows, context)))
+        rows, subjects = [], []
+        for j in idx.tolist():
+            scene = examples[j].scene
+            turns = [qa for qa in conversation(scene, rng) if kinds is None or qa.kind in kinds]
+            rows.append([encoder.block(qa.question, qa.answer) for qa in turns])
+            subjects.append([subject_facts(scene, qa.subject) for qa in turns])
+        parts = model.losses(features[idx].float(), pack(rows, context, subjects))
+        trainer.step(sum(parts.values()), parts)
 
 
 def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> dict:
@@ -295,13 +318,13 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     timings: dict[str, float] = {}
     t_all = t = time.perf_counter()
 
-    log(f"rendering {recipe.instruct_scenes} scenes ({recipe.vision_scenes} with dense labels)")
-    dense = make_examples(recipe.seed, range(recipe.vision_scenes), True, recipe.workers)
-    extra = make_examples(recipe.seed, range(recipe.vision_scenes, recipe.instruct_scenes), False, recipe.workers)
+    log(f"rendering {recipe.scenes} scenes with dense labels ({recipe.workers} processes)")
+    examples = make_examples(recipe.seed, range(recipe.scenes), True, recipe.workers)
+    held_out = make_examples(recipe.seed + 1, range(128), True, recipe.workers)  # progress reports only
     timings["render"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sp_bytes = train_tokenizer(corpus([e.scene for e in dense[:2000]], recipe.seed), recipe.vocab_size)
+    sp_bytes = train_tokenizer(corpus([e.scene for e in examples[:2000]], recipe.seed), recipe.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(sp_bytes)
     tokenizer = Tokenizer(out_dir / "tokenizer.model")
@@ -310,32 +333,25 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     log(f"tokenizer: {tokenizer.vocab_size} pieces; prompt prefix {len(encoder.prefix)} tokens")
 
     t = time.perf_counter()
-    log(f"phase 1: vision pretraining, {len(dense)} scenes x {recipe.vision_epochs} epochs")
-    vision = pretrain_vision(recipe, dense, log)
+    log(f"phase 1: vision pretraining, {recipe.vision_steps} steps of {recipe.vision_batch} scenes")
+    vision = pretrain_vision(recipe, examples, held_out, log)
+    del held_out
     timings["vision"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    examples = dense + extra
-    for e in dense:  # the dense targets are no longer needed
-        e.patch_class = e.patch_attr = e.patch_center = None
     features = vision_features(vision, examples)
-    for e in examples:
-        e.pixels = None
+    for e in examples:  # only the scenes' question/answer pairs are needed from here on
+        e.pixels = e.patch_class = e.patch_attr = e.patch_density = None
     timings["features"] = time.perf_counter() - t
 
     config = MobileVLMConfig(llama=recipe.llama_config(tokenizer.vocab_size), vision=recipe.vision_config(),
                              projector_type="ldpnetv2", mm_hidden_size=recipe.vision_width,
                              image_aspect_ratio="pad", use_im_patch_token=False)
-    model = VLMForTraining(config, encoder.prefix)
+    model = VLMForTraining(config, encoder.prefix, recipe.subject_layer)
     init_weights(model)
 
     t = time.perf_counter()
-    log(f"phase 2: language pretraining, {recipe.lm_steps} steps")
-    pretrain_language(recipe, model, encoder, examples, log)
-    timings["language"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    log(f"phase 3: projector alignment on captions, {recipe.align_steps} steps")
+    log(f"phase 2: projector alignment on captions, {recipe.align_steps} steps")
     model.llm.requires_grad_(False)
     _vlm_phase(recipe, model, encoder, examples, features, recipe.align_steps, recipe.align_batch,
                recipe.align_lr, ("caption",), "align", log, 3)
@@ -343,16 +359,15 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     timings["align"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    steps = recipe.instruct_epochs * (len(examples) // recipe.instruct_batch)
-    log(f"phase 4: instruction tuning, {steps} steps" + (f" (LoRA rank {recipe.lora_rank})" if recipe.lora_rank
-                                                         else " (full fine-tuning)"))
+    log(f"phase 3: instruction tuning, {recipe.instruct_steps} steps" +
+        (f" (LoRA rank {recipe.lora_rank})" if recipe.lora_rank else " (full fine-tuning)"))
     if recipe.lora_rank:
         model.llm.requires_grad_(False)
         add_lora(model.llm, recipe.lora_rank, recipe.lora_alpha)
         model.llm.embed_tokens.weight.requires_grad_(True)
         model.llm.lm_head.weight.requires_grad_(True)
-    _vlm_phase(recipe, model, encoder, examples, features, steps, recipe.instruct_batch, recipe.instruct_lr,
-               None, "instruct", log, 4)
+    _vlm_phase(recipe, model, encoder, examples, features, recipe.instruct_steps, recipe.instruct_batch,
+               recipe.instruct_lr, None, "instruct", log, 4)
     if recipe.lora_rank:
         merge_lora(model.llm)
     timings["instruct"] = time.perf_counter() - t
@@ -361,10 +376,3 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     export_checkpoint(out_dir, recipe, config, vision, model, sp_bytes, timings)
     log("timings (s): " + json.dumps({k: round(v, 1) for k, v in timings.items()}))
     return timings
-
-
-def recipe_dict(recipe: Recipe) -> dict:
-    return asdict(recipe)
-
-
-__all__ = ["Recipe", "train", "replace"]
