@@ -380,6 +380,14 @@ def caption_for(objects: list[SceneObject]) -> str:
     return "A road scene with " + _article_list(parts) + "." if parts else "An empty road."
 
 
+def side_of(obj: SceneObject, width: int) -> str | None:
+    """"left" or "right" for an object whose centre is clearly off the middle of the frame, else None."""
+    x = obj.center_x / width
+    if abs(x - 0.5) <= POSITION_MARGIN:
+        return None
+    return "left" if x < 0.5 else "right"
+
+
 def questions_for(objects: list[SceneObject], width: int, rng: np.random.Generator) -> list[QA]:
     """Every unambiguous question about the scene (one template each, drawn by rng), plus the caption request."""
 
@@ -402,9 +410,9 @@ def questions_for(objects: list[SceneObject], width: int, rng: np.random.Generat
         qa.append(QA("presence", pick("presence", cls), "yes" if by_class[cls] else "no", cls))
     for cls in CLASSES:
         if len(by_class[cls]) == 1:
-            x = by_class[cls][0].center_x / width
-            if abs(x - 0.5) > POSITION_MARGIN:
-                qa.append(QA("position", pick("position", cls), "left" if x < 0.5 else "right", cls))
+            side = side_of(by_class[cls][0], width)
+            if side:
+                qa.append(QA("position", pick("position", cls), side, cls))
     qa.append(QA("caption", CAPTION_QUESTIONS[rng.integers(len(CAPTION_QUESTIONS))], caption_for(objects)))
     return qa
 

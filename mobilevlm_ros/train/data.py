@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..demo.scenes import (BOX_COLORS, CAR_COLORS, CLASSES, COUNTED_CLASSES, LIGHT_STATES, POSITION_MARGIN, QA,
-                           Scene, make_scene, questions_for)
+from ..demo.scenes import (BOX_COLORS, CAR_COLORS, CLASSES, COUNTED_CLASSES, LIGHT_STATES, QA, Scene, make_scene,
+                           questions_for, side_of)
 from ..model.image import CLIP_MEAN, CLIP_STD, RESCALE, expand_to_square, resize_and_crop, to_rgb
 
 IMAGE_SIZE = 336
@@ -21,7 +21,7 @@ NUM_CLASSES = len(CLASSES) + 1  # background + classes
 COLOR_NAMES = tuple(dict.fromkeys(list(CAR_COLORS) + list(BOX_COLORS)))  # red blue green yellow white black brown
 ATTRS = ("none",) + COLOR_NAMES + tuple(f"light_{s}" for s in LIGHT_STATES)
 MAX_COUNT = 5
-# Scene-level facts the vision tower's pooling layer learns to put into every patch token (name -> classes).
+# Scene-level facts a head on every output token of the vision tower learns (name -> classes).
 SCENE_FACTS = {**{f"count_{c}": MAX_COUNT + 1 for c in COUNTED_CLASSES},
                **{f"present_{c}": 2 for c in CLASSES},
                "color_car": len(CAR_COLORS) + 1, "color_box": len(BOX_COLORS) + 1, "light": len(LIGHT_STATES) + 1}
@@ -30,7 +30,8 @@ IGNORE = -100  # no target (cross-entropy's ignore_index)
 
 @dataclass
 class Example:
-    pixels: np.ndarray  # [336, 336, 3] uint8: the pipeline's padded, resized frame
+    pixels: np.ndarray | None  # [336, 336, 3] uint8: the pipeline's padded, resized frame
+    # pixels and the per-patch targets are dropped (None) once the vision tower no longer needs them
     patch_class: np.ndarray | None  # [24, 24, NUM_CLASSES] float16: fraction of each patch covered by each class
     patch_attr: np.ndarray | None  # [24, 24, len(ATTRS)] float16
     patch_density: np.ndarray | None  # [24, 24, len(CLASSES)] float16: each object's share of its pixels per
@@ -84,39 +85,37 @@ def subject_facts(scene: Scene, subject: str) -> tuple[int, int, int, int]:
     found = [o for o in scene.objects if o.cls == subject]
     side = attr = IGNORE
     if len(found) == 1:
-        x = found[0].center_x / scene.meta["width"]
-        if abs(x - 0.5) > POSITION_MARGIN:
-            side = int(x > 0.5)
+        where = side_of(found[0], scene.meta["width"])
+        if where:
+            side = int(where == "right")
         if found[0].color or found[0].state:
             attr = SUBJECT_ATTRS.index(found[0].color or found[0].state)
     return CLASSES.index(subject), min(len(found), MAX_COUNT), side, attr
 
 
-def make_example(seed: int, index: int, dense: bool = True) -> Example:
-    """Scene (seed, index) as a training example; dense=False skips the per-patch targets."""
-    scene = make_scene(seed, index, labels=dense)
+def make_example(seed: int, index: int) -> Example:
+    """Scene (seed, index) as a training example with its per-patch targets."""
+    scene = make_scene(seed, index, labels=True)
     pixels = square_pixels(scene.image)
-    patch_class = patch_attr = patch_density = None
-    if dense:
-        labels = _square_labels(scene.labels, IMAGE_SIZE)
-        class_lut = np.zeros(256, dtype=np.int64)
-        attr_lut = np.zeros(256, dtype=np.int64)
-        for i, obj in enumerate(scene.objects):
-            class_lut[i + 1] = CLASSES.index(obj.cls) + 1
-            if obj.color:
-                attr_lut[i + 1] = ATTRS.index(obj.color)
-            elif obj.state:
-                attr_lut[i + 1] = ATTRS.index(f"light_{obj.state}")
-        patch_id = (np.arange(IMAGE_SIZE) // PATCH)[:, None] * GRID + (np.arange(IMAGE_SIZE) // PATCH)[None, :]
-        patch_class = _patch_fractions(patch_id, class_lut[labels], NUM_CLASSES)
-        patch_attr = _patch_fractions(patch_id, attr_lut[labels], len(ATTRS))
-        n = len(scene.objects) + 1
-        pixels_of = np.bincount((patch_id * n + labels).ravel(), minlength=GRID * GRID * n).reshape(GRID * GRID, n)
-        share = pixels_of[:, 1:] / np.maximum(pixels_of[:, 1:].sum(0), 1)  # [patches, objects]
-        patch_density = np.zeros((GRID * GRID, len(CLASSES)))
-        for i, obj in enumerate(scene.objects):
-            patch_density[:, CLASSES.index(obj.cls)] += share[:, i]
-        patch_density = patch_density.reshape(GRID, GRID, len(CLASSES)).astype(np.float16)
+    labels = _square_labels(scene.labels, IMAGE_SIZE)
+    class_lut = np.zeros(256, dtype=np.int64)
+    attr_lut = np.zeros(256, dtype=np.int64)
+    for i, obj in enumerate(scene.objects):
+        class_lut[i + 1] = CLASSES.index(obj.cls) + 1
+        if obj.color:
+            attr_lut[i + 1] = ATTRS.index(obj.color)
+        elif obj.state:
+            attr_lut[i + 1] = ATTRS.index(f"light_{obj.state}")
+    patch_id = (np.arange(IMAGE_SIZE) // PATCH)[:, None] * GRID + (np.arange(IMAGE_SIZE) // PATCH)[None, :]
+    patch_class = _patch_fractions(patch_id, class_lut[labels], NUM_CLASSES)
+    patch_attr = _patch_fractions(patch_id, attr_lut[labels], len(ATTRS))
+    n = len(scene.objects) + 1
+    pixels_of = np.bincount((patch_id * n + labels).ravel(), minlength=GRID * GRID * n).reshape(GRID * GRID, n)
+    share = pixels_of[:, 1:] / np.maximum(pixels_of[:, 1:].sum(0), 1)  # [patches, objects]
+    patch_density = np.zeros((GRID * GRID, len(CLASSES)))
+    for i, obj in enumerate(scene.objects):
+        patch_density[:, CLASSES.index(obj.cls)] += share[:, i]
+    patch_density = patch_density.reshape(GRID, GRID, len(CLASSES)).astype(np.float16)
     small = Scene(image=np.zeros((0, 0, 3), np.uint8), objects=scene.objects, caption=scene.caption, qa=scene.qa,
                   seed=seed, index=index, meta=scene.meta)
     return Example(pixels, patch_class, patch_attr, patch_density, scene_facts(small), small)
@@ -127,13 +126,13 @@ def _patch_fractions(patch_id: np.ndarray, values: np.ndarray, n: int) -> np.nda
     return (counts.reshape(GRID, GRID, n) / (PATCH * PATCH)).astype(np.float16)
 
 
-def _example_worker(args: tuple[int, int, bool]) -> Example:
+def _example_worker(args: tuple[int, int]) -> Example:
     return make_example(*args)
 
 
-def make_examples(seed: int, indices: range | list[int], dense: bool, workers: int = 1) -> list[Example]:
+def make_examples(seed: int, indices: range | list[int], workers: int = 1) -> list[Example]:
     """Examples for the given scene indices, in order; workers > 1 renders in a process pool (same result)."""
-    jobs = [(seed, i, dense) for i in indices]
+    jobs = [(seed, i) for i in indices]
     if workers <= 1:
         return [make_example(*job) for job in jobs]
     import multiprocessing as mp

@@ -319,8 +319,8 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     t_all = t = time.perf_counter()
 
     log(f"rendering {recipe.scenes} scenes with dense labels ({recipe.workers} processes)")
-    examples = make_examples(recipe.seed, range(recipe.scenes), True, recipe.workers)
-    held_out = make_examples(recipe.seed + 1, range(128), True, recipe.workers)  # progress reports only
+    examples = make_examples(recipe.seed, range(recipe.scenes), recipe.workers)
+    held_out = make_examples(recipe.seed + 1, range(128), recipe.workers)  # progress reports only
     timings["render"] = time.perf_counter() - t
 
     t = time.perf_counter()
