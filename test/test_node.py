@@ -350,6 +350,7 @@ def test_shutdown_answers_requests_in_flight(tmp_path):
     ({"default_camera": "left"}, "default_camera 'left' is not in cameras"),
     ({"camera": {"rear": {"transport": "h264"}}}, "camera.rear.transport 'h264'"),
     ({"queue_length": 0}, "queue_length 0: must be in 1..64"),
+    ({"cuda_graph_compile": "fast"}, "cuda_graph_compile 'fast': expected one of ''"),
     ({"model_path": "/nonexistent"}, "model_path '/nonexistent' is not a directory"),
 ])
 def test_bad_parameters_stop_the_node_with_a_clear_message(tmp_path, change, message):

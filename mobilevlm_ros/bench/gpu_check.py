@@ -3,10 +3,11 @@ minutes on one GPU. Writes one JSON report to stdout (and to --out).
 
 1. Correctness: on both reference checkpoints, float16 greedy decoding with CUDA graphs gives the same ids as the
    eager float16 path, bit-identical logits to the same static-shape step run eagerly, and how many golden
-   (float32) ids it reproduces; the ONNX Runtime (CUDA provider) and TensorRT visual encoders where installed.
+   (float32) ids it reproduces; MobileVLMPipeline.ask (the node's path, CUDA graphs on by default) answers as with
+   them off; the ONNX Runtime (CUDA provider) and TensorRT visual encoders where installed.
 2. Speed, real-shaped MobileVLM-1.7B decoder with random weights in float16: batch-1 decode tokens/s eager vs
-   CUDA graphs, against the memory-bandwidth floor (weight bytes read per token / the card's bandwidth, both the
-   nominal figure for known cards and a measured device-to-device copy rate).
+   CUDA graphs vs torch.compile + CUDA graphs, against the memory-bandwidth floor (weight bytes read per token /
+   the card's bandwidth, both the nominal figure for known cards and a measured device-to-device copy rate).
 3. Vision ms: ViT-L/14 + LDP in float16, batch 1 and 4, eager torch and TensorRT (when installed).
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def check_cuda_graph_greedy(max_new_tokens: int = 16) -> list[dict]:
         cases = json.loads((root / "goldens" / name / "cases.json").read_text())
         for case in cases:
             golden = load_file(root / "goldens" / name / f"{case['case']}.safetensors")
-            stem = case["image"].rsplit(".", 1)[0]
+            stem = Path(case["image"]).stem
             pixels = load_file(root / "goldens" / "pixel_values" / f"{stem}.safetensors")["pixel_values"].cuda()
             embeds = model.embed_prompt(golden["input_ids"][0].tolist(), model.encode_images(pixels))
             n = golden["generated_ids"].shape[1]
@@ -79,15 +80,40 @@ def check_cuda_graph_greedy(max_new_tokens: int = 16) -> list[dict]:
             graph_ids, graph_logits = run(graph)
             bucket = graph.buckets[0]
             static_ids, static_logits = run(lambda t, p: eager_masked_step(model, t, p, bucket))
+            try:  # Inductor's fused kernels round differently: compare ids, not bits
+                compiled_ids: list[int] | str = run(CUDAGraphDecoder(model, compile_mode="default"))[0]
+            except Exception as e:  # report, do not stop the check
+                compiled_ids = f"error: {e!r}"[:300]
             golden_ids = golden["generated_ids"][0].tolist()
             out.append({"checkpoint": name, "case": case["case"], "eager_ids": eager_ids, "graph_ids": graph_ids,
-                        "static_eager_ids": static_ids,
+                        "static_eager_ids": static_ids, "compiled_graph_ids": compiled_ids,
                         "max_logit_diff_graph_vs_static_eager": (graph_logits - static_logits).abs().max().item()
                         if graph_logits.numel() else 0.0,
                         "golden_prefix_matched": next((i for i, (a, b) in enumerate(zip(graph_ids, golden_ids))
                                                        if a != b), len(golden_ids))})
-        del vlm, model
-        torch.cuda.empty_cache()
+    return out
+
+
+@torch.inference_mode()
+def check_pipeline_cuda_graphs() -> list[dict]:
+    """The node's path: MobileVLMPipeline.ask on CUDA in float16 with CUDA graphs (the default) and without."""
+    from PIL import Image
+
+    from ..model import MobileVLMPipeline, SamplingParams
+    from ..model.cuda_graph import CUDAGraphDecoder
+
+    root = Path(__file__).resolve().parents[2] / "test" / "data" / "reference"
+    image = Image.open(next(iter(sorted((root / "images").glob("*.png")))))
+    out = []
+    for name in ("MobileVLM-tiny-v1", "MobileVLM_V2-tiny"):
+        answers, enabled = {}, {}
+        for graphs in (True, False):
+            vlm = MobileVLMPipeline.load(root / "checkpoints" / name, device="cuda", dtype="float16",
+                                         cuda_graphs=graphs)
+            answers[graphs] = vlm.ask(image, "What is in the image?", SamplingParams(max_new_tokens=24)).generated_ids
+            enabled[graphs] = isinstance(vlm.model.__dict__.get("decode_step"), CUDAGraphDecoder)
+        out.append({"checkpoint": name, "graph_ids": answers[True], "eager_ids": answers[False],
+                    "graphs_enabled": enabled[True] and not enabled[False]})
     return out
 
 
@@ -148,18 +174,49 @@ def decode_speed(model_name: str = "MobileVLM-1.7B", tokens: int = 128, max_seq_
     prompt = torch.randn(1, 176, config.llama.hidden_size, device="cuda", dtype=torch.float16) * 0.02
     prefill_ms = _cuda_ms(lambda: model.prefill(prompt), 3)
 
+    def warm(step) -> float:
+        """Seconds to capture (and compile) the graphs of every bucket the timed steps use."""
+        token = model.prefill(prompt).argmax(-1)
+        t = time.perf_counter()
+        for pos in (176, 176 + tokens):  # each call rewrites that position's K/V; the timed run overwrites it
+            step(token, pos)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     def decode(step) -> float:
         token = model.prefill(prompt).argmax(-1)
-        step(token, 176)
         torch.cuda.synchronize()
         t = time.perf_counter()
         for i in range(tokens):
-            token = step(token, 177 + i).argmax(-1)
+            token = step(token, 176 + i).argmax(-1)
             int(token)  # the host reads each token, as generate() does
         return tokens / (time.perf_counter() - t)
 
-    eager = decode(model.decode_step)
-    graphs = decode(CUDAGraphDecoder(model))
+    def replay_only(decoder) -> float:
+        """Steps/s of the graph alone: replays queued back to back, no host read between them."""
+        bucket = decoder.bucket_for(176)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(tokens):
+            decoder.graphs[bucket].replay()
+        torch.cuda.synchronize()
+        return tokens / (time.perf_counter() - t)
+
+    warm(model.decode_step)
+    speed: dict = {"decode_tok_s_eager": decode(model.decode_step)}
+    print("eager", speed, flush=True)
+    variants = {"cuda_graphs": None, "compiled_cuda_graphs": "default",
+                "autotuned_cuda_graphs": "max-autotune-no-cudagraphs"}
+    for label, mode in variants.items():
+        try:
+            decoder = CUDAGraphDecoder(model, compile_mode=mode)
+            speed[f"{label}_build_s"] = warm(decoder)
+            speed[f"decode_tok_s_{label}"] = decode(decoder)
+            speed[f"replay_only_tok_s_{label}"] = replay_only(decoder)
+        except Exception as e:  # report, do not stop the check
+            speed[f"decode_tok_s_{label}"] = f"error: {e!r}"[:300]
+        print(label, {k: v for k, v in speed.items() if label in k}, flush=True)
+    best = max(v for k, v in speed.items() if k.startswith("decode_tok_s_") and isinstance(v, float))
     name = torch.cuda.get_device_name()
     nominal = nominal_bandwidth(name)
     measured = measured_bandwidth(torch.device("cuda"))
@@ -187,11 +244,11 @@ def decode_speed(model_name: str = "MobileVLM-1.7B", tokens: int = 128, max_seq_
             vision["tensorrt"] = f"error: {e!r}"[:300]
     return {"model": model_name, "gpu": name, "decode_tokens": tokens,
             "weights_read_per_token_bytes": read_per_token, "prefill_176_ms": prefill_ms,
-            "decode_tok_s_eager": eager, "decode_tok_s_cuda_graphs": graphs, "graph_speedup": graphs / eager,
+            **speed, "decode_tok_s_best": best,
             "bandwidth_nominal_gb_s": nominal, "bandwidth_measured_copy_gb_s": measured,
             "floor_tok_s_nominal": floor_nominal, "floor_tok_s_measured": floor_measured,
-            "graphs_fraction_of_nominal_floor": graphs / floor_nominal if floor_nominal else None,
-            "graphs_fraction_of_measured_floor": graphs / floor_measured, "vision": vision}
+            "best_fraction_of_nominal_floor": best / floor_nominal if floor_nominal else None,
+            "best_fraction_of_measured_floor": best / floor_measured, "vision": vision}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,13 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     greedy = check_cuda_graph_greedy()
     report["cuda_graph_greedy"] = greedy
     ok = all(r["graph_ids"] == r["eager_ids"] and r["max_logit_diff_graph_vs_static_eager"] == 0 for r in greedy)
+    pipeline = check_pipeline_cuda_graphs()
+    report["pipeline_cuda_graphs"] = pipeline
+    ok = ok and all(r["graph_ids"] == r["eager_ids"] and r["graphs_enabled"] for r in pipeline)
     report["cuda_graph_identical_to_eager"] = ok
     report["visual_backends"] = check_visual_backends()
     print(json.dumps({k: v for k, v in report.items() if k != "cuda_graph_greedy"}, indent=1), flush=True)
     if not args.skip_speed:
         report["speed"] = decode_speed()
-        report["target_50pct_of_floor_met"] = (report["speed"]["graphs_fraction_of_nominal_floor"] or
-                                               report["speed"]["graphs_fraction_of_measured_floor"]) >= 0.5
+        report["target_50pct_of_floor_met"] = (report["speed"]["best_fraction_of_nominal_floor"] or
+                                               report["speed"]["best_fraction_of_measured_floor"]) >= 0.5
     report["wall_s"] = time.time() - start
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -7,8 +7,13 @@ cache size) with ``mask_cache=True`` (attend over the whole bucket, masking posi
 replayed. Inputs (token, position) live in static device buffers; nothing is copied to the host but the sampled
 token, as in the eager loop.
 
-Use: ``model.decode_step = CUDAGraphDecoder(model)`` after ``model.llm.setup_cache(...)``; ``generate`` then runs
-unchanged. Prefill stays eager (its length varies per prompt).
+``compile_mode`` (a ``torch.compile`` mode, e.g. "default" or "max-autotune-no-cudagraphs") first runs the step
+through ``torch.compile``, as gpt-fast does: Inductor fuses the many small elementwise kernels (RMSNorm, RoPE,
+SiLU x up, residual adds) into a few Triton kernels (and with max-autotune picks the matmul kernels by timing them),
+and the graph replays those. It costs a compilation per bucket at the first request.
+
+Use: ``enable_cuda_graphs(model)`` after ``model.llm.setup_cache(...)``; ``generate`` then runs unchanged. Prefill
+stays eager (its length varies per prompt).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ def buckets_for(max_seq_len: int, smallest: int = 256) -> list[int]:
 class CUDAGraphDecoder:
     """Drop-in for ``MobileVLM.decode_step(token [1], pos) -> logits [1, V]``."""
 
-    def __init__(self, model: MobileVLM, warmup: int = 2, smallest_bucket: int = 256):
+    def __init__(self, model: MobileVLM, warmup: int = 2, smallest_bucket: int = 256,
+                 compile_mode: str | None = None):
         llm = model.llm
         if llm.max_seq_len == 0:
             raise ValueError("call model.llm.setup_cache(...) before building a CUDAGraphDecoder")
@@ -37,6 +43,8 @@ class CUDAGraphDecoder:
         if self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.llm = llm
+        self.forward = llm if compile_mode is None else torch.compile(llm, mode=compile_mode, fullgraph=True,
+                                                                      dynamic=False)
         self.warmup = warmup
         self.buckets = buckets_for(llm.max_seq_len, smallest_bucket)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -47,7 +55,7 @@ class CUDAGraphDecoder:
 
     def _step(self, bucket: int) -> Tensor:
         assert self.token is not None and self.pos is not None
-        return self.llm(self.llm.embed_tokens(self.token)[None], self.pos, bucket, mask_cache=True)
+        return self.forward(self.llm.embed_tokens(self.token)[None], self.pos, bucket, mask_cache=True)
 
     def _capture(self, bucket: int) -> None:
         # Warm-up runs (on a side stream, as torch.cuda.graph requires) write this step's own K/V at this step's
@@ -59,7 +67,8 @@ class CUDAGraphDecoder:
                 self._step(bucket)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the node captures on its inference thread while other threads may use CUDA
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self.outputs[bucket] = self._step(bucket)
         self.pool = graph.pool()  # buckets share one memory pool: they are never replayed concurrently
         self.graphs[bucket] = graph

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cuda_graph import enable_cuda_graphs
 from .errors import PromptTooLongError
 from .generate import SamplingParams, generate
 from .image import preprocess
@@ -29,23 +30,29 @@ class Answer:
 
 
 class MobileVLMPipeline:
-    def __init__(self, model: MobileVLM, tokenizer: Tokenizer, max_seq_len: int = 2048):
+    def __init__(self, model: MobileVLM, tokenizer: Tokenizer, max_seq_len: int = 2048, cuda_graphs: bool = True,
+                 compile_mode: str | None = None):
+        """cuda_graphs: on a CUDA device, replay each decode step from a CUDA graph (cuda_graph.py), its kernels
+        fused by torch.compile first when compile_mode is given; both are ignored on the CPU."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = model.llm.lm_head.weight.device
         model.llm.setup_cache(max_seq_len)
         self.max_seq_len = model.llm.max_seq_len
+        if cuda_graphs and self.device.type == "cuda":
+            enable_cuda_graphs(model, compile_mode=compile_mode)
         # Any callable pixel_values -> visual tokens; the ONNX Runtime and TensorRT engines plug in here.
         self.encode_images: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
 
     @classmethod
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
-             dtype: str = "float32", max_seq_len: int = 2048) -> MobileVLMPipeline:
+             dtype: str = "float32", max_seq_len: int = 2048, cuda_graphs: bool = True,
+             compile_mode: str | None = None) -> MobileVLMPipeline:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
         model, tokenizer = load_model(model_dir, vision_tower, device, dtype)
-        return cls(model, tokenizer, max_seq_len)
+        return cls(model, tokenizer, max_seq_len, cuda_graphs, compile_mode)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:
         return tokenize_with_image(build_prompt([turns] if isinstance(turns, str) else list(turns)), self.tokenizer)
