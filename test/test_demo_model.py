@@ -40,7 +40,7 @@ def test_bundled_model_has_the_published_layout():
     assert cfg["mm_use_im_start_end"] is False and cfg["mm_use_im_patch_token"] is False
     clip = d / cfg["mm_vision_tower"]
     clip_cfg = json.loads((clip / "config.json").read_text())
-    assert clip_cfg["image_size"] == 336 and clip_cfg["patch_size"] == 14
+    assert clip_cfg["image_size"] == 336 and clip_cfg["patch_size"] == 28  # a 12 x 12 grid: LDP v2 keeps 144
     assert clip_cfg["hidden_size"] == cfg["mm_hidden_size"]
     size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, f"bundled model is {size / 2**20:.1f} MiB"
@@ -53,7 +53,7 @@ def test_bundled_model_has_the_published_layout():
 def test_bundled_model_loads_through_the_package_loader():
     model, tokenizer = load_model(DEFAULT_MODEL_DIR)
     cfg = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
-    assert model.config.image_tokens == 144 and model.config.vision.num_patches == 576
+    assert model.config.image_tokens == 144 and model.config.vision.num_patches == 144
     assert model.config.vision.hidden_size == cfg["mm_hidden_size"]
     assert tokenizer.vocab_size == cfg["vocab_size"] and (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
 
@@ -135,7 +135,7 @@ def test_packed_training_forward_equals_single_turn_inference_forward(tmp_path):
 
     model, enc, scenes = _tiny_training_model(tmp_path)
     rows = [[enc.block(qa.question, qa.answer) for qa in s.qa] for s in scenes[:2]]
-    features = torch.randn(2, 576, 16)
+    features = torch.randn(2, 144, 16)
     context = len(enc.prefix) + 144
     batch = pack(rows, context)
     embed = model.llm.embed_tokens

@@ -65,6 +65,22 @@ def test_projector_only_goldens(kind):
         torch.testing.assert_close(projector(io["input"]), io["output"], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("grid", [24, 18, 12])
+def test_ldpnetv2_pools_any_patch_grid_to_12x12_as_the_reference(grid):
+    """The reference pools with nn.AdaptiveAvgPool2d((12, 12)): 144 tokens whatever the patch grid (ViT-L/14's is
+    24 x 24, the bundled demo tower's 12 x 12)."""
+    torch.manual_seed(0)
+    config = MobileVLMConfig(llama=LlamaConfig(hidden_size=32), vision=None, projector_type="ldpnetv2",
+                             mm_hidden_size=16)
+    projector = build_projector(config)
+    x = torch.randn(2, grid * grid, 16)
+    with torch.inference_mode():
+        pooled = torch.nn.AdaptiveAvgPool2d((12, 12))(projector.mlp.mlp(x).transpose(1, 2).reshape(2, 32, grid, grid))
+        expected = (projector.peg.peg(pooled) + pooled).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(projector(x), expected, atol=1e-6, rtol=0)
+    assert config.image_tokens == 144
+
+
 def _golden_tensors(checkpoint, case):
     return load_file(REFERENCE / "goldens" / checkpoint / f"{case['case']}.safetensors")
 

@@ -14,7 +14,7 @@ from ..model import CheckpointError, MobileVLMPipeline, PromptTooLongError, Samp
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobilevlm-ask", description=__doc__)
     p.add_argument("question", nargs="?", help="the question (omit when --chat is given)")
-    p.add_argument("--model", required=True, help="MobileVLM checkpoint directory")
+    p.add_argument("--model", help="MobileVLM checkpoint directory (default: the bundled demo model)")
     p.add_argument("--vision-tower", help="CLIP directory, overriding config.json's mm_vision_tower")
     p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
     p.add_argument("--chat", help="JSON list of turns: user, assistant, ..., user (the image goes with the first)")
@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, UnidentifiedImageError) as e:
         print(f"mobilevlm-ask: cannot read image {args.image}: {e}", file=sys.stderr)
         return 2
+    if args.model is None:
+        from ..demo import DEFAULT_MODEL_DIR
+
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            print(f"mobilevlm-ask: the bundled demo model ({DEFAULT_MODEL_DIR}) is not installed: pass --model",
+                  file=sys.stderr)
+            return 2
+        args.model = str(DEFAULT_MODEL_DIR)
     try:
         vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len)
         if args.backend != "torch":

@@ -33,6 +33,9 @@ class LlamaConfig:
         return self.hidden_size // self.num_heads
 
 
+LDP_V2_GRID = 12  # LDP v2's AdaptiveAvgPool2d((12, 12)): 144 visual tokens whatever the patch grid
+
+
 @dataclass(frozen=True)
 class VisionConfig:
     """A CLIP ViT as in Hugging Face's CLIPVisionConfig (ViT-L/14 @336 by default)."""
@@ -69,9 +72,12 @@ class MobileVLMConfig:
 
     @property
     def image_tokens(self) -> int:
-        """Visual tokens the projector hands the decoder: LDP v1/v2 pool the patch grid 2x in each direction."""
+        """Visual tokens the projector hands the decoder: LDP v1 halves the patch grid in each direction (a stride-2
+        conv), LDP v2 pools it to 12 x 12 whatever its size."""
+        if self.projector_type == "ldpnetv2":
+            return LDP_V2_GRID * LDP_V2_GRID
         patches = self.vision.num_patches + (1 if self.vision_select_feature == "cls_patch" else 0)
-        return patches // 4 if self.projector_type in ("ldpnet", "ldpnetv2") else patches
+        return patches // 4 if self.projector_type == "ldpnet" else patches
 
 
 def _read_json(path: Path) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MLP_GELU_PROJECTOR, MobileVLMConfig
+from .config import LDP_V2_GRID, MLP_GELU_PROJECTOR, MobileVLMConfig
 
 
 def _tokens_to_grid(x: Tensor) -> Tensor:
@@ -106,7 +106,7 @@ class LDPNetV2Projector(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         grid = _tokens_to_grid(self.mlp.mlp(x))
-        grid = F.avg_pool2d(grid, 2)  # the reference's AdaptiveAvgPool2d((12, 12)) on the 24x24 grid
+        grid = F.adaptive_avg_pool2d(grid, LDP_V2_GRID)  # 2x2 means on ViT-L/14's 24x24 grid
         return _grid_to_tokens(self.peg.peg(grid) + grid)
 
 

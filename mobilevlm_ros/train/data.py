@@ -15,11 +15,12 @@ from ..demo.scenes import (BOX_COLORS, CAR_COLORS, CLASSES, COUNTED_CLASSES, LIG
 from ..model.image import CLIP_MEAN, CLIP_STD, RESCALE, expand_to_square, resize_and_crop, to_rgb
 
 IMAGE_SIZE = 336
-PATCH = 14
-GRID = IMAGE_SIZE // PATCH  # 24
+PATCH = 28  # the demo tower's patches: a 12 x 12 grid, which LDP v2 passes on as its 144 tokens unpooled
+GRID = IMAGE_SIZE // PATCH
 NUM_CLASSES = len(CLASSES) + 1  # background + classes
 COLOR_NAMES = tuple(dict.fromkeys(list(CAR_COLORS) + list(BOX_COLORS)))  # red blue green yellow white black brown
 ATTRS = ("none",) + COLOR_NAMES + tuple(f"light_{s}" for s in LIGHT_STATES)
+SIDES = ("none", "left", "right")  # which half of the frame the covering object stands in (scenes.side_of)
 MAX_COUNT = 5
 # Scene-level facts a head on every output token of the vision tower learns (name -> classes).
 SCENE_FACTS = {**{f"count_{c}": MAX_COUNT + 1 for c in COUNTED_CLASSES},
@@ -32,9 +33,10 @@ IGNORE = -100  # no target (cross-entropy's ignore_index)
 class Example:
     pixels: np.ndarray | None  # [336, 336, 3] uint8: the pipeline's padded, resized frame
     # pixels and the per-patch targets are dropped (None) once the vision tower no longer needs them
-    patch_class: np.ndarray | None  # [24, 24, NUM_CLASSES] float16: fraction of each patch covered by each class
-    patch_attr: np.ndarray | None  # [24, 24, len(ATTRS)] float16
-    patch_density: np.ndarray | None  # [24, 24, len(CLASSES)] float16: each object's share of its pixels per
+    patch_class: np.ndarray | None  # [GRID, GRID, NUM_CLASSES] float16: fraction of each patch covered by each class
+    patch_attr: np.ndarray | None  # [GRID, GRID, len(ATTRS)] float16
+    patch_side: np.ndarray | None  # [GRID, GRID, len(SIDES)] float16
+    patch_density: np.ndarray | None  # [GRID, GRID, len(CLASSES)] float16: each object's share of its pixels per
     # patch (an object sums to 1 over the grid, so a class's sum is its count)
     scene_facts: np.ndarray  # [len(SCENE_FACTS)] int16
     scene: Scene  # image and labels dropped (kept small for pickling)
@@ -100,8 +102,10 @@ def make_example(seed: int, index: int) -> Example:
     labels = _square_labels(scene.labels, IMAGE_SIZE)
     class_lut = np.zeros(256, dtype=np.int64)
     attr_lut = np.zeros(256, dtype=np.int64)
+    side_lut = np.zeros(256, dtype=np.int64)
     for i, obj in enumerate(scene.objects):
         class_lut[i + 1] = CLASSES.index(obj.cls) + 1
+        side_lut[i + 1] = SIDES.index(side_of(obj, scene.meta["width"]) or "none")
         if obj.color:
             attr_lut[i + 1] = ATTRS.index(obj.color)
         elif obj.state:
@@ -109,6 +113,7 @@ def make_example(seed: int, index: int) -> Example:
     patch_id = (np.arange(IMAGE_SIZE) // PATCH)[:, None] * GRID + (np.arange(IMAGE_SIZE) // PATCH)[None, :]
     patch_class = _patch_fractions(patch_id, class_lut[labels], NUM_CLASSES)
     patch_attr = _patch_fractions(patch_id, attr_lut[labels], len(ATTRS))
+    patch_side = _patch_fractions(patch_id, side_lut[labels], len(SIDES))
     n = len(scene.objects) + 1
     pixels_of = np.bincount((patch_id * n + labels).ravel(), minlength=GRID * GRID * n).reshape(GRID * GRID, n)
     share = pixels_of[:, 1:] / np.maximum(pixels_of[:, 1:].sum(0), 1)  # [patches, objects]
@@ -118,7 +123,7 @@ def make_example(seed: int, index: int) -> Example:
     patch_density = patch_density.reshape(GRID, GRID, len(CLASSES)).astype(np.float16)
     small = Scene(image=np.zeros((0, 0, 3), np.uint8), objects=scene.objects, caption=scene.caption, qa=scene.qa,
                   seed=seed, index=index, meta=scene.meta)
-    return Example(pixels, patch_class, patch_attr, patch_density, scene_facts(small), small)
+    return Example(pixels, patch_class, patch_attr, patch_side, patch_density, scene_facts(small), small)
 
 
 def _patch_fractions(patch_id: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..demo.scenes import CLASSES
 from ..model.clip import CLIPVisionTower
 from ..model.config import VisionConfig
-from .data import ATTRS, GRID, NUM_CLASSES, SCENE_FACTS
+from .data import ATTRS, IGNORE, SCENE_FACTS, SIDES
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
@@ -45,7 +45,36 @@ def sincos_2d(grid: int, dim: int) -> Tensor:
     return torch.nn.functional.pad(emb, (0, dim - emb.shape[1])).float()
 
 
-DENSE_SPLIT = (NUM_CLASSES, len(ATTRS), len(CLASSES), 1)  # class, attribute, density, column
+TOKEN_SPLIT = (len(CLASSES), len(ATTRS), len(SIDES))  # which classes a patch shows, its object's attribute and side
+DENSE_SPLIT = TOKEN_SPLIT + (len(CLASSES),)  # and the density map
+SHOWN = 0.03  # a patch shows an object covering at least 3% of it: thin pedestrians and traffic lights count too
+
+
+def token_targets(patch_class: Tensor, patch_attr: Tensor, patch_side: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per patch (or 12 x 12 visual token): which classes it shows [.., C] (0/1), and the attribute and side of the
+    object covering most of it [..] (IGNORE where it shows none). Coverage fractions would leave a patch that a
+    thin object crosses labelled background; these targets make such a patch say what it shows."""
+    background = patch_class[..., :1]
+    shown = (patch_class[..., 1:] >= SHOWN).float()
+    on_object = shown.any(-1)
+
+    def of_the_object(fractions: Tensor) -> Tensor:  # "none" counts only object pixels without the property
+        target = torch.cat([fractions[..., :1] - background, fractions[..., 1:]], -1).argmax(-1)
+        return torch.where(on_object, target, torch.full_like(target, IGNORE))
+
+    return shown, of_the_object(patch_attr), of_the_object(patch_side)
+
+
+def token_losses(logits: Tensor, shown: Tensor, attr: Tensor, side: Tensor) -> dict[str, Tensor]:
+    """logits [..., B, N, sum(TOKEN_SPLIT)] against token_targets [B, N, ...]: multi-label cross-entropy on the
+    classes shown (positives weighted up: most patches show nothing), cross-entropy on the attribute and side of
+    object patches."""
+    c_logits, a_logits, s_logits = logits.split(TOKEN_SPLIT, dim=-1)
+    attr, side = attr.expand(a_logits.shape[:-1]), side.expand(s_logits.shape[:-1])
+    return {"class": F.binary_cross_entropy_with_logits(c_logits, shown.expand_as(c_logits),
+                                                        pos_weight=c_logits.new_full((len(CLASSES),), 3.0)),
+            "attr": F.cross_entropy(a_logits.flatten(0, -2), attr.flatten(), ignore_index=IGNORE),
+            "side": F.cross_entropy(s_logits.flatten(0, -2), side.flatten(), ignore_index=IGNORE)}
 
 
 class VisionPretrainer(nn.Module):
@@ -53,12 +82,14 @@ class VisionPretrainer(nn.Module):
 
     Stands in for CLIP's web-scale contrastive pretraining, which a demo cannot afford: the generator's ground
     truth supervises the layers MobileVLM reads. Dense heads on every layer's patch tokens (deep supervision) learn
-    the class and the attribute (colour, light state) covering each patch, each object's share of its pixels (the
-    density map: summed over the patches of a class it is the count) and the patch's column, so the tokens the
-    projector receives say what is where. A head on every output token also learns the scene facts (counts,
-    presence, the single car's colour, ...), which asks the attention to gather the frame's content into each
-    token. The layers after the selected one (and post_layernorm) never influence MobileVLM, so they are neither
-    trained nor shipped.
+    which classes each patch shows, the attribute (colour, light state) and the side of the frame of the object
+    covering it (token_targets), and each object's share of its pixels (the density map: summed over the patches of
+    a class it is the count), so the tokens the projector receives say what is where. Side is a property of the
+    object, like its colour, and undefined off objects: a patch column target, non-zero on the background too, was
+    averaged away downstream (left/right stayed at chance) while colour, so encoded, was learnt. A head on every
+    output token also learns the scene facts (counts, presence, the single car's colour, ...), which asks the
+    attention to gather the frame's content into each token. The layers after the selected one (and
+    post_layernorm) never influence MobileVLM, so they are neither trained nor shipped.
     """
 
     def __init__(self, config: VisionConfig, select_layer: int):
@@ -91,43 +122,37 @@ class VisionPretrainer(nn.Module):
         return self.tower(pixel_values)
 
 
-PATCH_COLUMN = ((torch.arange(GRID * GRID) % GRID).float() - (GRID - 1) / 2) / (GRID / 2)  # -1 left .. 1 right
-
-
-def vision_losses(dense: Tensor, scene_logits: Tensor, patch_class: Tensor, patch_attr: Tensor,
-                  patch_density: Tensor, facts: Tensor, object_weight: float = 10.0) -> dict[str, Tensor]:
-    """Soft cross-entropy on the patch class / attribute fractions (object patches weighted up: they are a few
-    percent of the frame), squared error on the density map (scaled so one object's patches matter) and on the
-    column, and cross-entropy of every token's scene-fact prediction."""
-    weight = 1.0 + (object_weight - 1.0) * (1.0 - patch_class[..., 0])  # [B, N]
-    weight = weight / weight.mean()
-    c_logits, a_logits, density, column = dense.split(DENSE_SPLIT, dim=-1)  # [L, B, N, .]
+def vision_losses(dense: Tensor, scene_logits: Tensor, patch_class: Tensor, patch_attr: Tensor, patch_side: Tensor,
+                  patch_density: Tensor, facts: Tensor) -> dict[str, Tensor]:
+    """token_losses on every layer's patch tokens, squared error on the density map (scaled so one object's patches
+    matter) and cross-entropy of every token's scene-fact prediction."""
     b, n, _ = scene_logits.shape
     per_fact = [F.cross_entropy(part.reshape(b * n, -1), facts[:, i].long().repeat_interleave(n))
                 for i, part in enumerate(scene_logits.split(list(SCENE_FACTS.values()), dim=-1))]
-    return {
-        "class": (-(patch_class * F.log_softmax(c_logits, -1)).sum(-1) * weight).mean(),
-        "attr": (-(patch_attr * F.log_softmax(a_logits, -1)).sum(-1) * weight).mean(),
-        "density": 100.0 * (density - patch_density).pow(2).sum(-1).mean(),
-        "column": (column[..., 0] - PATCH_COLUMN.to(column)).pow(2).mean(),
-        "scene": torch.stack(per_fact).mean(),
-    }
+    token_part, density = dense.split([sum(TOKEN_SPLIT), len(CLASSES)], dim=-1)  # [L, B, N, .]
+    return {**token_losses(token_part, *token_targets(patch_class, patch_attr, patch_side)),
+            "density": 100.0 * (density - patch_density).pow(2).sum(-1).mean(),
+            "scene": torch.stack(per_fact).mean()}
 
 
-def vision_report(dense: Tensor, scene_logits: Tensor, patch_class: Tensor, patch_attr: Tensor,
+def vision_report(dense: Tensor, scene_logits: Tensor, patch_class: Tensor, patch_attr: Tensor, patch_side: Tensor,
                   patch_density: Tensor, facts: Tensor) -> dict[str, float]:
-    """Held-out quality of the output tokens: class recall over object patches, attribute accuracy, counts read off
-    the density map (rounded sum, all classes right) and the scene-fact accuracy (mean, and the worst fact)."""
-    c_logits, a_logits, density, _ = dense[-1].split(DENSE_SPLIT, dim=-1)
-    tc, ta = patch_class.argmax(-1), patch_attr.argmax(-1)
-    obj, has_attr = tc > 0, ta > 0
+    """Held-out quality of the output tokens: recall and precision of the classes shown, attribute and side accuracy
+    on object patches, counts read off the density map (rounded sum, all classes right) and the scene-fact accuracy
+    (mean, and the worst fact)."""
+    c_logits, a_logits, s_logits, density = dense[-1].split(DENSE_SPLIT, dim=-1)
+    shown, attr, side = token_targets(patch_class, patch_attr, patch_side)
+    said = c_logits > 0
+    on = attr != IGNORE
     counts_ok = density.sum(1).round() == patch_density.sum(1).round()
     votes = [p.mean(1).argmax(-1) for p in scene_logits.split(list(SCENE_FACTS.values()), dim=-1)]
     fact_acc = {name: float((v == facts[:, i].long()).float().mean()) for i, (name, v) in
                 enumerate(zip(SCENE_FACTS, votes))}
     worst = min(fact_acc, key=fact_acc.get)
-    return {"class_recall": float((c_logits.argmax(-1)[obj] == tc[obj]).float().mean()),
-            "attr_acc": float((a_logits.argmax(-1)[has_attr] == ta[has_attr]).float().mean()),
+    return {"class_recall": float(said[shown.bool()].float().mean()),
+            "class_precision": float(shown[said].mean()),
+            "attr_acc": float((a_logits.argmax(-1)[on] == attr[on]).float().mean()),
+            "side_acc": float((s_logits.argmax(-1)[on] == side[on]).float().mean()),
             "density_count_acc": float(counts_ok.float().mean()),
             "scene_fact_acc": sum(fact_acc.values()) / len(fact_acc), f"worst:{worst}": fact_acc[worst]}
 

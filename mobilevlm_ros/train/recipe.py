@@ -2,7 +2,7 @@
 
 Phases (as in the MobileVLM papers, scaled down):
 0. data: render the scenes; train a SentencePiece tokenizer (LLaMA settings) on the generated text.
-1. vision: pretrain a small CLIP ViT-style tower (336 px, patch 14) on the scenes' ground truth (see
+1. vision: pretrain a small CLIP ViT-style tower (336 px, patch 28) on the scenes' ground truth (see
    modules.VisionPretrainer); it stays frozen afterwards, as CLIP does in MobileVLM, so its features are computed
    once and cached.
 2. alignment: train only the LDP v2 projector on image -> caption, the (randomly initialised) LLM frozen.
@@ -28,17 +28,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..demo.scenes import CLASSES
-from ..model.config import LlamaConfig, MobileVLMConfig, VisionConfig
+from ..model.config import LDP_V2_GRID, LlamaConfig, MobileVLMConfig, VisionConfig
 from ..model.llama import MobileLlama
 from ..model.projector import build_projector
 from ..model.prompt import build_prompt, tokenize_with_image
 from ..model.tokenizer import Tokenizer
-from .data import IGNORE, MAX_COUNT, SUBJECT_ATTRS, Example, conversation, make_examples, normalize, subject_facts
-from .modules import (VisionPretrainer, add_lora, init_weights, merge_lora, packed_forward, vision_losses,
-                      vision_report)
+from .data import (IGNORE, MAX_COUNT, PATCH, SUBJECT_ATTRS, Example, conversation, make_examples, normalize,
+                   subject_facts)
+from .modules import (TOKEN_SPLIT, VisionPretrainer, add_lora, init_weights, merge_lora, packed_forward,
+                      token_losses, token_targets, vision_losses, vision_report)
 from .text import corpus, train_tokenizer
 
-IMAGE_TOKENS = 144
+IMAGE_TOKENS = LDP_V2_GRID * LDP_V2_GRID
 SUBJECT_SPLIT = (len(CLASSES), MAX_COUNT + 1, 2, len(SUBJECT_ATTRS))  # see data.subject_facts
 
 
@@ -49,17 +50,17 @@ class Recipe:
     workers: int = 2  # scene-rendering processes
     scenes: int = 8000
     # model sizes
-    vision_width: int = 64
+    vision_width: int = 96
     vision_layers: int = 4  # select layer -2: MobileVLM reads the first 3; the last only feeds CLIP's own head
     vision_heads: int = 4
-    vision_mlp: int = 256
+    vision_mlp: int = 384
     llm_width: int = 128
     llm_layers: int = 4
     llm_heads: int = 4
     llm_mlp: int = 352
     vocab_size: int = 512
     # phase 1
-    vision_steps: int = 1300
+    vision_steps: int = 2600
     vision_batch: int = 32
     vision_lr: float = 2e-3
     # phase 2
@@ -67,7 +68,7 @@ class Recipe:
     align_batch: int = 16
     align_lr: float = 2e-3
     # phase 3
-    instruct_steps: int = 900
+    instruct_steps: int = 1100
     instruct_batch: int = 16
     instruct_lr: float = 3e-3
     subject_layer: int = 2  # the LLM layer whose output the training-only subject head reads
@@ -76,7 +77,7 @@ class Recipe:
 
     def vision_config(self) -> VisionConfig:
         return VisionConfig(hidden_size=self.vision_width, intermediate_size=self.vision_mlp,
-                            num_layers=self.vision_layers, num_heads=self.vision_heads)
+                            num_layers=self.vision_layers, num_heads=self.vision_heads, patch_size=PATCH)
 
     def llama_config(self, vocab: int) -> LlamaConfig:
         return LlamaConfig(vocab_size=vocab, hidden_size=self.llm_width, intermediate_size=self.llm_mlp,
@@ -208,8 +209,10 @@ def pack(rows: list[list[tuple[list[int], list[bool]]]], context: int,
 
 
 class VLMForTraining(nn.Module):
-    """Projector + LLM over cached vision features (prefix, image, packed blocks), with the training-only subject
-    head on the output of LLM layer ``subject_layer``."""
+    """Projector + LLM over cached vision features (prefix, image, packed blocks), with two training-only heads:
+    the subject head on the output of LLM layer ``subject_layer``, and a token head on the projector's output that
+    keeps each visual token saying what it shows (modules.token_losses), so that a thin object's one or two tokens
+    stay findable for the decoder."""
 
     def __init__(self, config: MobileVLMConfig, prefix: list[int], subject_layer: int):
         super().__init__()
@@ -218,20 +221,25 @@ class VLMForTraining(nn.Module):
         self.subject_layer = subject_layer
         d = config.llama.hidden_size
         self.subject_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, sum(SUBJECT_SPLIT)))
+        self.token_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, sum(TOKEN_SPLIT)))
         self.register_buffer("prefix", torch.tensor(prefix), persistent=False)
 
-    def losses(self, features: Tensor, batch: PackedBatch) -> dict[str, Tensor]:
-        """features [B, 576, Dv] -> answer cross-entropy and the subject head's (0 where nothing is given)."""
+    def losses(self, features: Tensor, batch: PackedBatch, tokens: tuple[Tensor, Tensor, Tensor]) -> dict[str, Tensor]:
+        """features [B, patches, Dv], tokens: modules.token_targets of the 144 visual tokens -> answer
+        cross-entropy, the subject head's (0 where nothing is given) and the token head's."""
         b = batch.ids.shape[0]
         embed = self.llm.embed_tokens
-        embeds = torch.cat([embed(self.prefix).expand(b, -1, -1), self.mm_projector(features), embed(batch.ids)], 1)
+        image = self.mm_projector(features)
+        embeds = torch.cat([embed(self.prefix).expand(b, -1, -1), image, embed(batch.ids)], 1)
         hidden = packed_forward(self.llm, embeds, batch.positions, batch.mask)
         logits = self.llm.lm_head(self.llm.norm(hidden[-1][batch.pred_rows, batch.pred_cols]))
         inner = self.subject_head(hidden[self.subject_layer - 1][batch.start_rows, batch.start_cols])
         subject = [F.cross_entropy(part, batch.subjects[:, i], ignore_index=IGNORE)
-                   for i, part in enumerate(inner.split(SUBJECT_SPLIT, dim=-1)) if (batch.subjects[:, i] != IGNORE).any()]
+                   for i, part in enumerate(inner.split(SUBJECT_SPLIT, dim=-1))
+                   if (batch.subjects[:, i] != IGNORE).any()]
         return {"answer": F.cross_entropy(logits, batch.targets),
-                "subject": torch.stack(subject).sum() if subject else logits.new_zeros(())}
+                "subject": torch.stack(subject).sum() if subject else logits.new_zeros(()),
+                "tokens": sum(token_losses(self.token_head(image), *tokens).values())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,11 +254,11 @@ def _batches(n: int, batch: int, gen: torch.Generator) -> Iterator[Tensor]:
             yield order[i: i + batch]
 
 
-def _dense_targets(examples: list[Example]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _dense_targets(examples: list[Example]) -> tuple[Tensor, ...]:
     def stacked(name: str) -> Tensor:
         return torch.from_numpy(np.stack([getattr(e, name) for e in examples]).astype(np.float32)).flatten(1, 2)
 
-    return (stacked("patch_class"), stacked("patch_attr"), stacked("patch_density"),
+    return (stacked("patch_class"), stacked("patch_attr"), stacked("patch_side"), stacked("patch_density"),
             torch.from_numpy(np.stack([e.scene_facts for e in examples])))
 
 
@@ -289,8 +297,8 @@ def vision_features(model: VisionPretrainer, examples: list[Example], batch: int
 
 
 def _vlm_phase(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder, examples: list[Example],
-               features: Tensor, steps: int, batch: int, lr: float, kinds: tuple[str, ...] | None, name: str,
-               log, rng_tag: int) -> None:
+               features: Tensor, tokens: tuple[Tensor, ...], steps: int, batch: int, lr: float,
+               kinds: tuple[str, ...] | None, name: str, log, rng_tag: int) -> None:
     """Image + blocks: each scene's questions of the given kinds (None: all) packed into one row."""
     rng = np.random.default_rng([recipe.seed, rng_tag, 0])
     gen = torch.Generator().manual_seed(recipe.seed * 1000 + rng_tag)
@@ -306,7 +314,7 @@ def _vlm_phase(recipe: Recipe, model: VLMForTraining, encoder: BlockEncoder, exa
             turns = [qa for qa in conversation(scene, rng) if kinds is None or qa.kind in kinds]
             rows.append([encoder.block(qa.question, qa.answer) for qa in turns])
             subjects.append([subject_facts(scene, qa.subject) for qa in turns])
-        parts = model.losses(features[idx].float(), pack(rows, context, subjects))
+        parts = model.losses(features[idx].float(), pack(rows, context, subjects), tuple(t[idx] for t in tokens))
         trainer.step(sum(parts.values()), parts)
 
 
@@ -340,8 +348,9 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
 
     t = time.perf_counter()
     features = vision_features(vision, examples)
+    tokens = token_targets(*_dense_targets(examples)[:3])
     for e in examples:  # only the scenes' question/answer pairs are needed from here on
-        e.pixels = e.patch_class = e.patch_attr = e.patch_density = None
+        e.pixels = e.patch_class = e.patch_attr = e.patch_side = e.patch_density = None
     timings["features"] = time.perf_counter() - t
 
     config = MobileVLMConfig(llama=recipe.llama_config(tokenizer.vocab_size), vision=recipe.vision_config(),
@@ -353,7 +362,7 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
     t = time.perf_counter()
     log(f"phase 2: projector alignment on captions, {recipe.align_steps} steps")
     model.llm.requires_grad_(False)
-    _vlm_phase(recipe, model, encoder, examples, features, recipe.align_steps, recipe.align_batch,
+    _vlm_phase(recipe, model, encoder, examples, features, tokens, recipe.align_steps, recipe.align_batch,
                recipe.align_lr, ("caption",), "align", log, 3)
     model.llm.requires_grad_(True)
     timings["align"] = time.perf_counter() - t
@@ -366,7 +375,7 @@ def train(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> 
         add_lora(model.llm, recipe.lora_rank, recipe.lora_alpha)
         model.llm.embed_tokens.weight.requires_grad_(True)
         model.llm.lm_head.weight.requires_grad_(True)
-    _vlm_phase(recipe, model, encoder, examples, features, recipe.instruct_steps, recipe.instruct_batch,
+    _vlm_phase(recipe, model, encoder, examples, features, tokens, recipe.instruct_steps, recipe.instruct_batch,
                recipe.instruct_lr, None, "instruct", log, 4)
     if recipe.lora_rank:
         merge_lora(model.llm)
