@@ -49,6 +49,7 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DTYPES = ("float32", "bfloat16", "float16")
 # "" = the CUDA graphs replay the eager kernels; else the torch.compile mode that fuses them first (cuda_graph.py)
 COMPILE_MODES = ("", "default", "max-autotune-no-cudagraphs")
+QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")  # model.quantize.MODES (not imported: it pulls in torch)
 TRANSPORTS = ("raw", "compressed")
 MAX_QUEUE_LENGTH = 64
 RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": ReliabilityPolicy.RELIABLE}
@@ -84,6 +85,7 @@ class NodeConfig:
     build_engines: bool = True
     cuda_graphs: bool = True
     cuda_graph_compile: str = ""
+    quantize: str = ""
     require_manifest: bool = False
     memory_reserve_mb: int = 0
     deactivate_timeout_s: float = 5.0
@@ -127,6 +129,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     build_engines = bool(p("build_engines", True))
     cuda_graphs = bool(p("cuda_graphs", True))
     cuda_graph_compile = p("cuda_graph_compile", "")
+    quantize = p("quantize", "")
     require_manifest = bool(p("require_manifest", False))
     memory_reserve_mb = p("memory_reserve_mb", 0)
     max_seq_len = p("max_seq_len", 2048)
@@ -148,6 +151,9 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     check(device == "cpu" or device.startswith("cuda"), f"device {device!r}: expected cpu, cuda or cuda:N")
     check(dtype in DTYPES, f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     check(backend in BACKENDS, f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    check(quantize in ("",) + QUANTIZE_MODES,
+          f"quantize {quantize!r}: expected '' or one of {', '.join(QUANTIZE_MODES)}")
+    check(not quantize or device == "cpu", f"quantize {quantize!r} needs device cpu (CPU kernels), not {device!r}")
     check(cuda_graph_compile in COMPILE_MODES,
           f"cuda_graph_compile {cuda_graph_compile!r}: expected one of {', '.join(map(repr, COMPILE_MODES))}")
     check(memory_reserve_mb >= 0, f"memory_reserve_mb {memory_reserve_mb}: must be >= 0")
@@ -191,7 +197,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
         caption_rate_hz=caption_rate_hz, caption_prompt=caption_prompt, caption_cameras=tuple(caption_cameras),
         caption_max_new_tokens=caption_max_new_tokens, diagnostics_period_s=diagnostics_period_s,
         build_engines=build_engines, cuda_graphs=cuda_graphs, cuda_graph_compile=cuda_graph_compile,
-        require_manifest=require_manifest, memory_reserve_mb=memory_reserve_mb,
+        quantize=quantize, require_manifest=require_manifest, memory_reserve_mb=memory_reserve_mb,
         deactivate_timeout_s=deactivate_timeout_s)
 
 
@@ -230,7 +236,8 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     memory = check_memory(estimate, available, config.memory_reserve_mb << 20, where)
     info(f"memory: {memory}")
     pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
-                                      config.max_seq_len, config.cuda_graphs, config.cuda_graph_compile or None)
+                                      config.max_seq_len, config.cuda_graphs, config.cuda_graph_compile or None,
+                                      config.quantize or None)
     warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
     encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)

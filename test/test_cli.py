@@ -1,6 +1,7 @@
 """mobilevlm-ask's handling of expected problems: a clear message on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -23,6 +24,15 @@ def test_streams_plain_text_answer():
     proc = ask("--model", MODEL, "--image", IMAGE, "--max-new-tokens", "16", "What is the robot doing on the street?")
     assert proc.returncode == 0
     assert proc.stdout.strip() == "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_decoder_answers(mode):
+    """--quantize replaces every Linear layer of the decoder (quantize.py); the tiny reference model still answers
+    (its random weights make the words meaningless either way)."""
+    proc = ask("--model", MODEL, "--image", IMAGE, "--quantize", mode, "--max-new-tokens", "8", "--json", "q")
+    assert proc.returncode == 0, proc.stderr
+    assert 1 <= len(json.loads(proc.stdout)["generated_ids"]) <= 8
 
 
 @pytest.mark.parametrize("args,message", [

@@ -28,6 +28,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from conftest import CHECKPOINTS, REFERENCE, golden_cases  # noqa: E402
 from mobilevlm_ros.action import AskScene as AskSceneAction  # noqa: E402
 from mobilevlm_ros.bags import CameraFrame, write_camera_bag  # noqa: E402
+from mobilevlm_ros.demo.scenes import answer_matches, make_scene  # noqa: E402
 from mobilevlm_ros.msg import SceneCaption  # noqa: E402
 from mobilevlm_ros.srv import AskScene  # noqa: E402
 from rosgraph import Graph, NodeProcess, wait_until  # noqa: E402
@@ -98,15 +99,15 @@ class Robot:
         return self.graph.call(self.ask, request, timeout)
 
     @contextlib.contextmanager
-    def streaming_front(self, period_s: float = 0.1):
+    def streaming_front(self, period_s: float = 0.1, rgb: np.ndarray = STREET):
         """A live camera: a fresh front frame every period_s while the block runs."""
         stop = threading.Event()
 
         def publish():
             while not stop.wait(period_s):
-                self.front.publish(image_msg(STREET, time.time_ns()))
+                self.front.publish(image_msg(rgb, time.time_ns()))
 
-        self.publish_front()
+        self.publish_front(rgb)
         publisher = threading.Thread(target=publish, daemon=True)
         publisher.start()
         try:
@@ -344,6 +345,13 @@ def test_shutdown_answers_requests_in_flight(tmp_path):
     assert any(r.error_code == "SHUTTING_DOWN" for r in responses)
 
 
+def test_quantize_parameter_lists_the_model_modes():
+    from mobilevlm_ros.model.quantize import MODES
+    from mobilevlm_ros.node import QUANTIZE_MODES
+
+    assert QUANTIZE_MODES == MODES
+
+
 @pytest.mark.parametrize("change,message", [
     ({"dtype": "int3"}, "dtype 'int3': expected one of float32, bfloat16, float16"),
     ({"cameras": ["front", "front"]}, "all non-empty and distinct"),
@@ -351,6 +359,7 @@ def test_shutdown_answers_requests_in_flight(tmp_path):
     ({"camera": {"rear": {"transport": "h264"}}}, "camera.rear.transport 'h264'"),
     ({"queue_length": 0}, "queue_length 0: must be in 1..64"),
     ({"cuda_graph_compile": "fast"}, "cuda_graph_compile 'fast': expected one of ''"),
+    ({"quantize": "int3"}, "quantize 'int3': expected '' or one of int8, int8-dynamic, int4"),
     ({"model_path": "/nonexistent"}, "model_path '/nonexistent' is not a directory"),
 ])
 def test_bad_parameters_stop_the_node_with_a_clear_message(tmp_path, change, message):
@@ -364,16 +373,27 @@ def test_bad_parameters_stop_the_node_with_a_clear_message(tmp_path, change, mes
 
 
 def test_shipped_params_file_starts_the_node(tmp_path):
-    """config/vlm.yaml as README starts it (here with the reference checkpoint instead of the default model)."""
+    """config/vlm.yaml as README starts it: model_path is empty there, so the bundled demo model answers about a
+    generated road scene."""
     graph = Graph(tmp_path)
     try:
         config = Path(__file__).resolve().parent.parent / "config" / "vlm.yaml"
-        process = NodeProcess(graph.env, config, tmp_path / "vlm.log",
-                              ["-p", f"model_path:={MODEL}", "-r", "__ns:=/cfg"])
+        process = NodeProcess(graph.env, config, tmp_path / "vlm.log", ["-r", "__ns:=/cfg"])
         graph.processes.append(process)
-        client = graph.node.create_client(AskScene, "/cfg/ask_scene")
-        graph.wait_for_service(client, process)
-        response = graph.call(client, AskScene.Request(question=QUESTION, temperature=-1.0))
+        robot = Robot(graph, "/cfg")
+        graph.wait_for_service(robot.ask, process)
+        response = robot.question("How many cones are there?", temperature=0.0)
         assert response.error_code == "NO_FRAME" and "'front'" in response.error_message
+        scene = next(s for s in (make_scene(20241, i) for i in range(50)) if s.count("cone") >= 2)
+        responses = []
+
+        def answered() -> bool:  # the first frames may still be on their way
+            responses.append(robot.question("How many cones are there?", temperature=0.0))
+            return responses[-1].error_code != "NO_FRAME"
+
+        with robot.streaming_front(rgb=scene.image):
+            wait_until(answered, what="an answer about the published scene")
+        assert responses[-1].success, responses[-1].error_message
+        assert answer_matches(responses[-1].answer, str(scene.count("cone"))), responses[-1].answer
     finally:
         graph.close()

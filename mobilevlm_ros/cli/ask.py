@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length in positions")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic", "int4"],
+                   help="CPU weight quantisation of the decoder's Linear layers")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
                    help="vision encoder backend (engines are built once and cached under --engines)")
     p.add_argument("--engines", default="engines", help="engine cache directory for --backend")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.model = str(DEFAULT_MODEL_DIR)
     try:
-        vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len)
+        vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len,
+                                     quantize=args.quantize)
         if args.backend != "torch":
             from ..engines import make_visual_encoder
 

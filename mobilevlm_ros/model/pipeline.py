@@ -17,6 +17,7 @@ from .image import preprocess
 from .loader import load_model
 from .mobilevlm import MobileVLM
 from .prompt import build_prompt, tokenize_with_image
+from .quantize import quantize_llm
 from .tokenizer import Tokenizer
 
 
@@ -48,10 +49,15 @@ class MobileVLMPipeline:
     @classmethod
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
              dtype: str = "float32", max_seq_len: int = 2048, cuda_graphs: bool = True,
-             compile_mode: str | None = None) -> MobileVLMPipeline:
+             compile_mode: str | None = None, quantize: str | None = None) -> MobileVLMPipeline:
+        """quantize: None, or a CPU weight quantisation of the decoder's Linear layers (quantize.MODES)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        if quantize and device != "cpu":
+            raise ValueError(f"quantize {quantize!r}: the int8/int4 kernels are CPU kernels (device is {device!r})")
         model, tokenizer = load_model(model_dir, vision_tower, device, dtype)
+        if quantize:
+            quantize_llm(model.llm, quantize)
         return cls(model, tokenizer, max_seq_len, cuda_graphs, compile_mode)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:

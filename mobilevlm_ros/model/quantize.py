@@ -142,12 +142,18 @@ def quantize_linear(linear: nn.Linear, mode: str, groupsize: int = 32) -> nn.Mod
     raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(MODES)})")
 
 
+def kernel_takes(linear: nn.Linear, mode: str, groupsize: int = 32) -> bool:
+    """The int4 CPU kernel packs 16 output rows together and needs whole groups of input channels."""
+    return mode != "int4" or (linear.out_features % 16 == 0 and linear.in_features % groupsize == 0)
+
+
 def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head: bool = True) -> nn.Module:
-    """Replace the decoder's Linear layers in place, one at a time. CPU only (the kernels are CPU kernels)."""
+    """Replace the decoder's Linear layers in place, one at a time. CPU only (the kernels are CPU kernels). A layer
+    whose shape the kernel cannot take (kernel_takes) stays in float; every published MobileLLaMA shape fits."""
     if mode not in MODES:
         raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(MODES)})")
     targets = [(name, m) for name, m in llm.named_modules() if isinstance(m, nn.Linear)
-               and (include_lm_head or not name.endswith("lm_head"))]
+               and (include_lm_head or not name.endswith("lm_head")) and kernel_takes(m, mode, groupsize)]
     for name, linear in targets:
         if linear.weight.device.type != "cpu":
             raise ValueError("quantize_llm's kernels are CPU kernels; quantise a CPU model")
