@@ -26,7 +26,7 @@ def test_streams_plain_text_answer():
     assert proc.stdout.strip() == "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])
 def test_quantized_decoder_answers(mode):
     """--quantize replaces every Linear layer of the decoder (quantize.py); the tiny reference model still answers
     (its random weights make the words meaningless either way)."""

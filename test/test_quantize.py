@@ -152,5 +152,15 @@ def test_cuda_graph_decode_is_identical_to_eager_float16(tmp_path):
         assert result["max_logit_diff_graph_vs_static_eager"] == 0.0, result
 
 
+def test_demo_model_keeps_its_accuracy_quantised():
+    """The bundled (trained) demo model answers held-out scenes as well with int8 or int4 weights (200 scenes at
+    shipping: the same accuracy per type in every mode, docs/DEMO_MODEL.md); here 40 scenes."""
+    from mobilevlm_ros.bench.accuracy import demo_accuracy
+
+    result = demo_accuracy(modes=("int8", "int4"), scenes=40)
+    for mode, accuracy in result["modes"].items():
+        assert min(accuracy.values()) >= 0.9, (mode, accuracy)
+
+
 def test_modes_are_listed():
     assert MODES == ("int8", "int8-dynamic", "int4")

@@ -38,7 +38,7 @@ class MobileVLMPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
-        self.device = model.llm.lm_head.weight.device
+        self.device = model.llm.embed_tokens.weight.device  # lm_head may be quantised (quantize.py)
         model.llm.setup_cache(max_seq_len)
         self.max_seq_len = model.llm.max_seq_len
         if cuda_graphs and self.device.type == "cuda":
