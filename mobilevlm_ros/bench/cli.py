@@ -24,7 +24,7 @@ OURS = {"ours-fp32": {"dtype": "float32"}, "ours-bf16": {"dtype": "bfloat16"},
         "ours-int8": {"dtype": "float32", "quant": "int8"},
         "ours-int8-dynamic": {"dtype": "float32", "quant": "int8-dynamic"},
         "ours-int4": {"dtype": "float32", "quant": "int4"},
-        "ours-vision-onnxruntime": {"dtype": "float32", "vision_backend": "onnxruntime", "vision_only": True}}
+        "ours-fp32-vision-onnxruntime": {"dtype": "float32", "vision_backend": "onnxruntime"}}
 HF = {"hf-fp32": {"dtype": "float32"}, "hf-bf16": {"dtype": "bfloat16"}}
 LLAMACPP = {"llamacpp-F16": "F16", "llamacpp-Q8_0": "Q8_0", "llamacpp-Q4_0": "Q4_0"}
 BITS = {"ours-fp32": 32, "ours-bf16": 16, "ours-int8": 8, "ours-int8-dynamic": 8, "ours-int4": 4,
@@ -38,7 +38,7 @@ def _has(module: str) -> bool:
 def available_configs() -> list[str]:
     names = list(OURS)
     if not _has("onnxruntime"):
-        names.remove("ours-vision-onnxruntime")
+        names.remove("ours-fp32-vision-onnxruntime")
     if _has("transformers"):
         names += list(HF)
     if _has("llama_cpp") and _has("gguf"):
@@ -106,16 +106,17 @@ def ratios(results: list[dict]) -> dict:
             return None if r is None else r.get(field)
 
         m: dict[str, float] = {}
-        for dtype in ("fp32", "bf16"):
-            ours, hf = get(f"ours-{dtype}", "decode_tok_s"), get(f"hf-{dtype}", "decode_tok_s")
+        for config, baseline, tag in (("ours-fp32", "hf-fp32", "fp32"), ("ours-bf16", "hf-bf16", "bf16"),
+                                      ("ours-fp32-vision-onnxruntime", "hf-fp32", "fp32_vision_onnxruntime")):
+            ours, hf = get(config, "decode_tok_s"), get(baseline, "decode_tok_s")
             if ours and hf:
-                m[f"decode_vs_hf_{dtype}"] = ours / hf
-            ours, hf = get(f"ours-{dtype}", "ttft_ms"), get(f"hf-{dtype}", "ttft_ms")
+                m[f"decode_vs_hf_{tag}"] = ours / hf
+            ours, hf = get(config, "ttft_ms"), get(baseline, "ttft_ms")
             if ours and hf:
-                m[f"ttft_speedup_vs_hf_{dtype}"] = hf / ours
-            ours, hf = get(f"ours-{dtype}", "vision_ms"), get(f"hf-{dtype}", "vision_ms")
+                m[f"ttft_speedup_vs_hf_{tag}"] = hf / ours
+            ours, hf = get(config, "vision_ms"), get(baseline, "vision_ms")
             if ours and hf:
-                m[f"vision_speedup_vs_hf_{dtype}"] = hf / ours
+                m[f"vision_speedup_vs_hf_{tag}"] = hf / ours
         for bits, ref in ((16, "llamacpp-F16"), (8, "llamacpp-Q8_0"), (4, "llamacpp-Q4_0")):
             theirs = get(ref, "decode_tok_s")
             candidates = [(get(c, "decode_tok_s"), c) for c, b in BITS.items() if b == bits and c.startswith("ours")]

@@ -99,18 +99,14 @@ def run_ours(spec: dict) -> dict:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     rss0 = rss_bytes()
     t = time.perf_counter()
-    vision_only = bool(spec.get("vision_only"))
     model = random_mobilevlm(config, dtype, seed=spec.get("seed", 0), quant=spec.get("quant"),
-                             groupsize=spec.get("groupsize", 32), llm=not vision_only)
+                             groupsize=spec.get("groupsize", 32))
     build_s = time.perf_counter() - t
     reset_peak()
     weights = _tensor_bytes(model)
     decode_n, question_n = spec["decode_tokens"], spec["question_tokens"]
     encode = model.encode_images
-    if vision_only:
-        weights = sum(_tensor_bytes(m) for m in (model.vision_tower, model.mm_projector))
-    else:
-        model.llm.setup_cache(IMAGE_TOKENS + question_n + decode_n + 8)
+    model.llm.setup_cache(IMAGE_TOKENS + question_n + decode_n + 8)
     if spec.get("vision_backend", "torch") == "onnxruntime":
         import tempfile
 
@@ -126,9 +122,6 @@ def run_ours(spec: dict) -> dict:
         preprocess_ms, pixels = _ms(lambda: preprocess(image, 336, pad=True), 3)
         encode(pixels)  # warm-up (oneDNN / ORT kernel selection)
         vision_ms, tokens = _ms(lambda: encode(pixels), REPEAT)
-        if vision_only:
-            return {"build_s": build_s, "weights_bytes": weights, "rss_before_bytes": rss0,
-                    "preprocess_ms": preprocess_ms, "vision_ms": vision_ms}
         embeds = torch.cat([tokens.to(dtype), model.llm.embed_tokens(torch.tensor(ids))[None]], dim=1)
         model.prefill(embeds[:, :16])  # warm-up of the prefill shapes' kernels
         prefill_ms, logits = _ms(lambda: model.prefill(embeds), REPEAT)
