@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from mobilevlm_ros.demo.scenes import (BOX_COLORS, CAR_COLORS, CLASSES, COUNTED_CLASSES, FRAME_SIZES,
                                        POSITION_MARGIN, QUESTION_TYPES, answer_matches, caption_classes,

@@ -309,7 +309,7 @@ def _draw_stop_sign(c: _Canvas, rng, box) -> None:
 
 def _draw_traffic_light(c: _Canvas, rng, box, state: str) -> None:
     x0, y0, x1, y1 = box
-    w, h = x1 - x0, y1 - y0
+    w = x1 - x0
     cx = (x0 + x1) / 2
     housing_h = 2.4 * w
     c.rect((cx - 0.09 * w, y0 + housing_h, cx + 0.09 * w, y1), _jitter(rng, (90, 90, 95), 15))
