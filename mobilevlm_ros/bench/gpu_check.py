@@ -150,22 +150,15 @@ def check_visual_backends() -> dict:
     return out
 
 
-@torch.inference_mode()
 def check_demo_model(scenes: int = 200) -> dict:
     """The bundled demo model through MobileVLMPipeline (the node's path) on the CPU in float32 and on CUDA in
     float16 with CUDA graphs, plain and compiled: accuracy per question type on its test's held-out scenes."""
-    from ..demo import DEFAULT_MODEL_DIR
-    from ..model import MobileVLMPipeline
-    from ..train.evaluate import evaluate
+    from .accuracy import demo_report
 
-    out = {}
-    for label, kwargs in (("cpu_float32", {}), ("cuda_float16_graphs", {"device": "cuda", "dtype": "float16"}),
-                          ("cuda_float16_graphs_compiled", {"device": "cuda", "dtype": "float16",
-                                                            "compile_mode": "default"})):
-        report = evaluate(MobileVLMPipeline.load(DEFAULT_MODEL_DIR, max_seq_len=512, **kwargs), 20240, scenes)
-        out[label] = {**{kind: report.accuracy(kind) for kind in report.asked},
-                      "caption_covers": report.caption_covers / report.scenes}
-    return out
+    return {"cpu_float32": demo_report(scenes),
+            "cuda_float16_graphs": demo_report(scenes, device="cuda", dtype="float16"),
+            "cuda_float16_graphs_compiled": demo_report(scenes, device="cuda", dtype="float16",
+                                                        compile_mode="default")}
 
 
 def _cuda_ms(fn, repeat: int) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..model import CheckpointError, MobileVLMPipeline, PromptTooLongError, SamplingParams
+from ..model.quantize import MODES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length in positions")
-    p.add_argument("--quantize", choices=["int8", "int8-dynamic", "int4"],
+    p.add_argument("--quantize", choices=MODES,
                    help="CPU weight quantisation of the decoder's Linear layers")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
                    help="vision encoder backend (engines are built once and cached under --engines)")
