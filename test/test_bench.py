@@ -59,7 +59,7 @@ def test_ratios_and_table_from_results():
 def test_bench_smoke_on_shrunken_models(tmp_path):
     """The whole pipeline of the benchmark (subprocess per configuration, results, ratios, plot) on a real-width
     but 1-layer decoder and 2-layer vision tower."""
-    configs = ["ours-int8"]
+    configs = ["ours-fp32", "ours-int8"]  # ours-fp32: the same-dtype ratio against hf-fp32 below
     if importlib.util.find_spec("transformers"):
         configs.append("hf-fp32")
     code = bench_main(["--models", "MobileVLM_V2-1.7B", "--configs", ",".join(configs), "--llm-layers", "1",
