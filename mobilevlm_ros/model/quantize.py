@@ -14,6 +14,8 @@ so quantising never needs a second full copy of the model. Accuracy is measured 
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -160,7 +162,18 @@ def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head
         parent = llm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else llm
         setattr(parent, name.rsplit(".", 1)[-1], quantize_linear(linear, mode, groupsize))
         linear.weight = None  # release the float weight now, not when the loop ends
+    return_freed_memory()
     return llm
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed by quantising (float weights, per-chunk temporaries) back to the OS. glibc keeps
+    them mapped otherwise, and the process stays about 0.2 GB (MobileVLM-1.7B, int4) above its model's size for
+    good. No-op where glibc is absent."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def weight_bytes(module: nn.Module) -> int:
