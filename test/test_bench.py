@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from mobilevlm_ros.bench.cli import main as bench_main
-from mobilevlm_ros.bench.cli import ratios, table
+from mobilevlm_ros.bench.cli import CPU_FEATURES, cpu_features, ratios, table
 from mobilevlm_ros.bench.models import hf_llama_state, init_tensor, random_mobilevlm, real_config
 from mobilevlm_ros.model.config import LlamaConfig
 
@@ -56,6 +57,15 @@ def test_ratios_and_table_from_results():
     assert "ours-fp32" in md and "error: boom" in md
 
 
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo (Linux)")
+def test_cpu_features_are_the_flags_the_kernels_depend_on():
+    """The benchmark names the instruction sets, not only the CPU's (often generic) name: they are read from the
+    flags line of /proc/cpuinfo, in CPU_FEATURES' order."""
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith(("flags", "Features"))).split(":", 1)[1].split()
+    assert cpu_features() == [f for f in CPU_FEATURES if f in flags]
+
+
 def test_bench_smoke_on_shrunken_models(tmp_path):
     """The whole pipeline of the benchmark (subprocess per configuration, results, ratios, plot) on a real-width
     but 1-layer decoder and 2-layer vision tower."""
@@ -73,6 +83,7 @@ def test_bench_smoke_on_shrunken_models(tmp_path):
             assert r[field] > 0, (r["config"], field)
         assert r["prefill_tokens"] == 148
     assert "decode_vs_hf_fp32" in data["ratios"]["MobileVLM_V2-1.7B"] or "hf-fp32" not in configs
+    assert data["hardware"]["cpu_features"] == cpu_features()
     assert (tmp_path / "results.md").is_file()
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "bench.png").stat().st_size > 0

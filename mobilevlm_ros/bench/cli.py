@@ -57,6 +57,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets the CPU kernels depend on: a virtual machine's CPU is often named only "AMD EPYC", and a
+# Zen 3 (AVX2) and a Zen 4 (AVX-512, VNNI, bfloat16) under that name differ about 2x in every number here.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd",
+                "asimddp", "sve")
+
+
+def cpu_features() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FEATURES if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def hardware() -> dict:
     import torch
 
@@ -65,8 +83,9 @@ def hardware() -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         pass
-    return {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+    return {"cpu": cpu_name(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
+            "memory_gib": round(mem / 2**30, 1), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
 
 
 def run_spec(spec: dict, timeout: float) -> dict:
@@ -169,6 +188,8 @@ def plot(results: list[dict], path: Path) -> Path | None:
     ok = [r for r in results if "error" not in r]
     models = sorted({r["model"] for r in ok})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    # one colour per configuration in both panels (llama.cpp has no time to first token: it runs no vision)
+    colour = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r["config"] for r in ok))}
     for ax, field, label in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
                              (axes[1], "ttft_ms", "time to first token, ms (lower is better)")):
         configs = [c for c in dict.fromkeys(r["config"] for r in ok) if any(r["config"] == c and r.get(field)
@@ -177,11 +198,13 @@ def plot(results: list[dict], path: Path) -> Path | None:
         for i, config in enumerate(configs):
             values = [next((r.get(field) or 0 for r in ok if r["model"] == m and r["config"] == config), 0)
                       for m in models]
-            ax.bar([j + i * width for j in range(len(models))], values, width, label=config)
+            ax.bar([j + i * width for j in range(len(models))], values, width, label=config, color=colour[config])
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))], models)
         ax.set_title(label)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"MobileVLM random-weight benchmark, {cpu_name()}, {os.cpu_count()} cores")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"MobileVLM random-weight benchmark, {cpu_name()} ({', '.join(cpu_features())}), "
+                 f"{os.cpu_count()} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -224,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hw = hardware()
-    print(f"# {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB, torch {hw['torch']}", flush=True)
+    print(f"# {hw['cpu']} ({' '.join(hw['cpu_features']) or 'no feature flags read'}), {hw['cores']} cores, "
+          f"{hw['memory_gib']} GiB, torch {hw['torch']}", flush=True)
     results = []
     for model in models:
         for config in configs:
