@@ -223,7 +223,7 @@ def run_hf(spec: dict) -> dict:
     with torch.inference_mode():
         preprocess_ms, pixels = _ms(pre, 3)
         vision(pixels)
-        vision_ms, tokens = _ms(lambda: vision(pixels))
+        vision_ms, tokens = _ms(lambda: vision(pixels), REPEAT)
         embeds = torch.cat([tokens, llm.model.embed_tokens(ids)], dim=1)
         llm.generate(inputs_embeds=embeds[:, :16], max_new_tokens=2, **gen_kwargs)  # warm-up
         prefill_ms, _ = _ms(lambda: llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1), REPEAT)
