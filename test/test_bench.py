@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from mobilevlm_ros.bench.cli import main as bench_main
-from mobilevlm_ros.bench.cli import CPU_FEATURES, cpu_features, ratios, table
+from mobilevlm_ros.bench.cli import cpu_features, cpu_name, ratios, table
 from mobilevlm_ros.bench.models import hf_llama_state, init_tensor, random_mobilevlm, real_config
 from mobilevlm_ros.model.config import LlamaConfig
 
@@ -57,13 +56,19 @@ def test_ratios_and_table_from_results():
     assert "ours-fp32" in md and "error: boom" in md
 
 
-@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo (Linux)")
-def test_cpu_features_are_the_flags_the_kernels_depend_on():
-    """The benchmark names the instruction sets, not only the CPU's (often generic) name: they are read from the
-    flags line of /proc/cpuinfo, in CPU_FEATURES' order."""
-    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith(("flags", "Features"))).split(":", 1)[1].split()
-    assert cpu_features() == [f for f in CPU_FEATURES if f in flags]
+def test_cpu_name_and_features_from_cpuinfo(tmp_path):
+    """The benchmark names the instruction sets, not only the CPU's (often generic) name: the ones in CPU_FEATURES,
+    from the x86 flags line or the Arm Features line, in CPU_FEATURES' order."""
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512_bf16 sse avx2 avx512f\n\n"
+                   "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512_bf16 sse avx2 avx512f\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 62.50\nFeatures\t: fp asimd evtstrm asimddp sve\n")
+    assert cpu_name(str(x86)) == "AMD EPYC"
+    assert cpu_features(str(x86)) == ["avx2", "avx512f", "avx512_bf16"]
+    assert cpu_features(str(arm)) == ["asimd", "asimddp", "sve"]
+    assert cpu_features(str(tmp_path / "absent")) == []
+    assert cpu_name(str(tmp_path / "absent"))  # falls back to platform's name for the machine
 
 
 def test_bench_smoke_on_shrunken_models(tmp_path):

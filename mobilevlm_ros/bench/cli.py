@@ -46,15 +46,23 @@ def available_configs() -> list[str]:
     return names
 
 
-def cpu_name() -> str:
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpuinfo_value(keys: tuple[str, ...], cpuinfo: str = CPUINFO) -> str | None:
+    """The value of the first line of cpuinfo that starts with one of keys; None where there is no such file."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(keys):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name(cpuinfo: str = CPUINFO) -> str:
+    return cpuinfo_value(("model name",), cpuinfo) or platform.processor() or platform.machine()
 
 
 # The instruction sets the CPU kernels depend on: a virtual machine's CPU is often named only "AMD EPYC", and a
@@ -63,16 +71,10 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "am
                 "asimddp", "sve")
 
 
-def cpu_features() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FEATURES if flag in present]
-    except OSError:
-        pass
-    return []
+def cpu_features(cpuinfo: str = CPUINFO) -> list[str]:
+    """CPU_FEATURES present in the flags line (x86) or Features line (Arm) of cpuinfo, in CPU_FEATURES' order."""
+    present = set((cpuinfo_value(("flags", "Features"), cpuinfo) or "").split())
+    return [flag for flag in CPU_FEATURES if flag in present]
 
 
 def hardware() -> dict:
@@ -177,7 +179,9 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> Path | None:
+def plot(results: list[dict], hw: dict, path: Path) -> Path | None:
+    """Decode tokens/s and time to first token per model and configuration; hw: the machine the results came
+    from (hardware()'s record, also for results read back from a results.json)."""
     try:
         import matplotlib
 
@@ -188,12 +192,12 @@ def plot(results: list[dict], path: Path) -> Path | None:
     ok = [r for r in results if "error" not in r]
     models = sorted({r["model"] for r in ok})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    order = list(dict.fromkeys(r["config"] for r in ok))
     # one colour per configuration in both panels (llama.cpp has no time to first token: it runs no vision)
-    colour = {c: f"C{i}" for i, c in enumerate(dict.fromkeys(r["config"] for r in ok))}
+    colour = {c: f"C{i}" for i, c in enumerate(order)}
     for ax, field, label in ((axes[0], "decode_tok_s", "decode tokens/s (higher is better)"),
                              (axes[1], "ttft_ms", "time to first token, ms (lower is better)")):
-        configs = [c for c in dict.fromkeys(r["config"] for r in ok) if any(r["config"] == c and r.get(field)
-                                                                            for r in ok)]
+        configs = [c for c in order if any(r["config"] == c and r.get(field) for r in ok)]
         width = 0.8 / max(1, len(configs))
         for i, config in enumerate(configs):
             values = [next((r.get(field) or 0 for r in ok if r["model"] == m and r["config"] == config), 0)
@@ -203,8 +207,8 @@ def plot(results: list[dict], path: Path) -> Path | None:
         ax.set_title(label)
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"MobileVLM random-weight benchmark, {cpu_name()} ({', '.join(cpu_features())}), "
-                 f"{os.cpu_count()} cores")
+    fig.suptitle(f"MobileVLM random-weight benchmark, {hw['cpu']} ({', '.join(hw.get('cpu_features', []))}), "
+                 f"{hw['cores']} cores")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(summary, indent=1) + "\n```\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "ratios": summary}, indent=1))
-    plot(results, out / "bench.png")
+    plot(results, hw, out / "bench.png")
     print(md)
     return 0 if all("error" not in r for r in results) else 1
 
