@@ -24,11 +24,13 @@ OURS = {"ours-fp32": {"dtype": "float32"}, "ours-bf16": {"dtype": "bfloat16"},
         "ours-int8": {"dtype": "float32", "quant": "int8"},
         "ours-int8-dynamic": {"dtype": "float32", "quant": "int8-dynamic"},
         "ours-int4": {"dtype": "float32", "quant": "int4"},
-        "ours-fp32-vision-onnxruntime": {"dtype": "float32", "vision_backend": "onnxruntime"}}
+        "ours-fp32-vision-onnxruntime": {"dtype": "float32", "vision_backend": "onnxruntime"},
+        # The decoder on torch's default (MKL) Linear kernels: what the oneDNN swap (model/cpu_linear.py) adds.
+        "ours-fp32-mkl": {"dtype": "float32", "onednn": False}}
 HF = {"hf-fp32": {"dtype": "float32"}, "hf-bf16": {"dtype": "bfloat16"}}
 LLAMACPP = {"llamacpp-F16": "F16", "llamacpp-Q8_0": "Q8_0", "llamacpp-Q4_0": "Q4_0"}
-BITS = {"ours-fp32": 32, "ours-bf16": 16, "ours-int8": 8, "ours-int8-dynamic": 8, "ours-int4": 4,
-        "llamacpp-F16": 16, "llamacpp-Q8_0": 8, "llamacpp-Q4_0": 4}
+BITS = {"ours-fp32": 32, "ours-fp32-mkl": 32, "ours-bf16": 16, "ours-int8": 8, "ours-int8-dynamic": 8,
+        "ours-int4": 4, "llamacpp-F16": 16, "llamacpp-Q8_0": 8, "llamacpp-Q4_0": 4}
 
 
 def _has(module: str) -> bool:
@@ -128,7 +130,8 @@ def ratios(results: list[dict]) -> dict:
 
         m: dict[str, float] = {}
         for config, baseline, tag in (("ours-fp32", "hf-fp32", "fp32"), ("ours-bf16", "hf-bf16", "bf16"),
-                                      ("ours-fp32-vision-onnxruntime", "hf-fp32", "fp32_vision_onnxruntime")):
+                                      ("ours-fp32-vision-onnxruntime", "hf-fp32", "fp32_vision_onnxruntime"),
+                                      ("ours-fp32-mkl", "hf-fp32", "fp32_mkl")):
             ours, hf = get(config, "decode_tok_s"), get(baseline, "decode_tok_s")
             if ours and hf:
                 m[f"decode_vs_hf_{tag}"] = ours / hf

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .cpu_linear import use_onednn
 from .cuda_graph import enable_cuda_graphs
 from .errors import PromptTooLongError
 from .generate import SamplingParams, generate
@@ -49,8 +50,10 @@ class MobileVLMPipeline:
     @classmethod
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
              dtype: str = "float32", max_seq_len: int = 2048, cuda_graphs: bool = True,
-             compile_mode: str | None = None, quantize: str | None = None) -> MobileVLMPipeline:
-        """quantize: None, or a CPU weight quantisation of the decoder's Linear layers (quantize.MODES)."""
+             compile_mode: str | None = None, quantize: str | None = None, onednn: bool = True
+             ) -> MobileVLMPipeline:
+        """quantize: None, or a CPU weight quantisation of the decoder's Linear layers (quantize.MODES).
+        onednn: on an x86 CPU, run the decoder's float Linear layers through oneDNN rather than MKL (cpu_linear.py)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
         if quantize and device != "cpu":
@@ -58,6 +61,8 @@ class MobileVLMPipeline:
         model, tokenizer = load_model(model_dir, vision_tower, device, dtype)
         if quantize:
             quantize_llm(model.llm, quantize)
+        if onednn:
+            use_onednn(model.llm)
         return cls(model, tokenizer, max_seq_len, cuda_graphs, compile_mode)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:

@@ -1,0 +1,59 @@
+"""The decoder's Linear layers on oneDNN (model/cpu_linear.py): the same function as nn.Linear, swapped in by the
+pipeline wherever oneDNN is available. The reference goldens (test_model_reference.py) run through the swapped
+pipeline, so they check it end to end; these tests check the layer and that the swap really happens."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CHECKPOINT_NAMES, CHECKPOINTS
+from mobilevlm_ros.model import MobileVLMPipeline
+from mobilevlm_ros.model.cpu_linear import OneDNNLinear, available, use_onednn
+from mobilevlm_ros.model.quantize import weight_bytes
+
+needs_onednn = pytest.mark.skipif(not available(torch.float32), reason="oneDNN is used on x86 CPUs only")
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3,)])  # a decode step, a batched prompt, a bare vector
+def test_onednn_linear_is_nn_linear(dtype, atol, bias, shape):
+    if not available(dtype):
+        pytest.skip(f"no oneDNN {dtype} kernel here")
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80, bias=bias).to(dtype)
+    x = torch.randn(*shape, 96).to(dtype)
+    with torch.inference_mode():
+        expected = nn.functional.linear(x.float(), linear.weight.float(), None if not bias else linear.bias.float())
+        got = OneDNNLinear(linear)(x)
+    assert got.dtype == dtype and got.shape == (*shape, 80)
+    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swap_keeps_the_weights_size_and_releases_the_plain_copies(dtype):
+    if not available(dtype):
+        pytest.skip(f"no oneDNN {dtype} kernel here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128, bias=False), nn.SiLU(), nn.Linear(128, 32)).to(dtype)
+    before = weight_bytes(model)
+    originals = [model[0], model[2]]
+    assert use_onednn(model) == 2
+    assert [type(m) for m in model] == [OneDNNLinear, nn.SiLU, OneDNNLinear]
+    assert weight_bytes(model) == before
+    assert all(m.weight is None for m in originals)
+
+
+@needs_onednn
+@pytest.mark.parametrize("checkpoint", CHECKPOINT_NAMES)
+def test_pipeline_runs_the_decoder_on_onednn_and_can_opt_out(pipelines, checkpoint):
+    """Every Linear of the decoder is swapped (the goldens then hold for the swapped model); the vision tower and
+    projector keep nn.Linear (the ONNX export and its digest read them); onednn=False keeps torch's kernels."""
+    vlm = pipelines[checkpoint]
+    llm_linears = [type(m) for m in vlm.model.llm.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
+    assert llm_linears and set(llm_linears) == {OneDNNLinear}
+    assert not any(isinstance(m, OneDNNLinear) for m in vlm.model.vision_tower.modules())
+    plain = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False)
+    assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
