@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import CHECKPOINT_NAMES, REFERENCE, golden_cases
-from mobilevlm_ros.model import SamplingParams
+from conftest import CHECKPOINT_NAMES, CHECKPOINTS, REFERENCE, golden_cases
+from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams
 from mobilevlm_ros.model.quantize import (MODES, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_linear,
                                           quantize_llm, weight_bytes)
 
@@ -91,22 +91,15 @@ def test_logit_agreement_on_real_shaped_model(agreement, mode, min_top1, min_top
     assert m["weight_bytes"] < agreement["float32_weight_bytes"] / 2  # the float32 embedding table is kept
 
 
-def test_int8_keeps_the_reference_answers_close(pipelines):
+def test_int8_keeps_the_reference_answers_close():
     """On the tiny reference checkpoints int8 weight-only decoding keeps at least the first tokens of the golden
     greedy answers (their margins are as thin as 0.0025, so full equality is not expected)."""
     for name in CHECKPOINT_NAMES:
-        vlm = pipelines[name]
-        original = vlm.model.llm
-        vlm.model.llm = quantize_llm(copy.deepcopy(original), "int8")
-        vlm.model.llm.max_seq_len = 0
-        vlm.model.llm.setup_cache(vlm.max_seq_len)
-        try:
-            case = golden_cases(name)[0]
-            image = Image.open(REFERENCE / case["image"])
-            answer = vlm.ask(image, case["turns"], SamplingParams(max_new_tokens=4))
-            assert answer.generated_ids[0] == case["generated_ids"][0]
-        finally:
-            vlm.model.llm = original
+        vlm = MobileVLMPipeline.load(CHECKPOINTS / name, quantize="int8")
+        assert any(isinstance(m, Int8WeightOnlyLinear) for m in vlm.model.llm.modules())
+        case = golden_cases(name)[0]
+        answer = vlm.ask(Image.open(REFERENCE / case["image"]), case["turns"], SamplingParams(max_new_tokens=4))
+        assert answer.generated_ids[0] == case["generated_ids"][0]
 
 
 # ------------------------------------------------------------------------------------ static-shape decode step

@@ -92,7 +92,7 @@ def _question_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 
 
 def run_ours(spec: dict) -> dict:
-    from ..model.cpu_linear import use_onednn
+    from ..model.cpu_linear import use_onednn_in_mobilevlm
     from ..model.image import preprocess
     from .models import random_mobilevlm, real_config
 
@@ -103,7 +103,7 @@ def run_ours(spec: dict) -> dict:
     model = random_mobilevlm(config, dtype, seed=spec.get("seed", 0), quant=spec.get("quant"),
                              groupsize=spec.get("groupsize", 32))
     if spec.get("onednn", True):  # as MobileVLMPipeline.load does
-        use_onednn(model.llm)
+        use_onednn_in_mobilevlm(model)
     build_s = time.perf_counter() - t
     reset_peak()
     weights = _tensor_bytes(model)

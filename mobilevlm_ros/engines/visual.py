@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..model.cpu_linear import use_plain_linears
+
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "visual_tokens"
 OPSET = 17
@@ -33,6 +35,10 @@ class VisualEncoder(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> VisualEncoder:
+        """The model's own modules. Layers the pipeline moved to oneDNN (model/cpu_linear.py) are swapped back to
+        nn.Linear in place, bit for bit: the export and the weights digest read plain layers."""
+        use_plain_linears(model.vision_tower)
+        use_plain_linears(model.mm_projector)
         return cls(model.vision_tower, model.mm_projector)
 
     def forward(self, pixel_values: Tensor) -> Tensor:

@@ -1,16 +1,17 @@
-"""The decoder's Linear layers through oneDNN on x86 CPUs.
+"""Linear layers through oneDNN on x86 CPUs.
 
 torch runs ``nn.Linear`` on the CPU through MKL. On the AMD EPYC (Zen 4) machine of docs/PERFORMANCE.md, MKL's
 batch-1 products (every decode step) read float32 weights at about 15 GB/s of the machine's 30 and its
-prefill-sized products reach about 105 GFLOP/s; oneDNN, which ships inside the same torch build and picks its
-kernels by instruction set, reaches about 27 GB/s and 190 GFLOP/s. For bfloat16 it needs the weight in its own
-blocked layout to be fast (22 against 15 GB/s), so bfloat16 weights are reordered once; float32 weights run as fast
-in their plain layout and stay ordinary tensors. The model code keeps ``nn.Linear`` (training, export and the
-reference comparison see the plain model); the pipeline swaps the decoder's layers after loading.
+prompt-sized products reach about 105 GFLOP/s; oneDNN, which ships inside the same torch build and picks its
+kernels by instruction set, reaches about 27-30 GB/s and 190-200 GFLOP/s with the weight reordered once into its
+blocked layout (bfloat16: 22-28 against 15 GB/s). The model code keeps ``nn.Linear`` (training, the ONNX export and
+the reference comparison see the plain model); the pipeline swaps the layers after loading, and the export swaps
+them back (the reorder is lossless both ways).
 """
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,29 +32,59 @@ def available(dtype: torch.dtype) -> bool:
 
 
 class OneDNNLinear(nn.Module):
-    """Inference-only ``nn.Linear`` (no autograd) on ``torch.ops.mkldnn._linear_pointwise``."""
+    """Inference-only ``nn.Linear`` (no autograd) on ``torch.ops.mkldnn._linear_pointwise``.
 
-    def __init__(self, linear: nn.Linear):
+    rows: the number of input rows the weight's layout is tuned for (1 for decode steps, a few hundred for an
+    image's patches); any number of rows works with any layout."""
+
+    def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        if weight.dtype == torch.bfloat16:  # blocked for batch 1: decode steps are where the time goes
-            weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        self.register_buffer("weight", weight)
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
+    def to_linear(self) -> nn.Linear:
+        """The plain layer back, bit for bit."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias, requires_grad=False)
+        return linear
 
-def use_onednn(module: nn.Module) -> int:
+
+def _replace(module: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule that matches, one at a time, releasing each old weight as soon as it is replaced
+    (the new layouts are copies) rather than when the loop ends."""
+    targets = [(name, m) for name, m in module.named_modules() if match(m)]
+    for name, old in targets:
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        setattr(parent, name.rsplit(".", 1)[-1], make(old))
+        old.weight = None
+    if targets:
+        return_freed_memory()
+    return len(targets)
+
+
+def use_onednn(module: nn.Module, rows: int = 1) -> int:
     """Swap every CPU float32/bfloat16 ``nn.Linear`` under module for a OneDNNLinear, in place, where oneDNN is
     available for its dtype. Returns how many were swapped."""
-    targets = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear
-               and m.weight.device.type == "cpu" and available(m.weight.dtype)]
-    for name, linear in targets:
-        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        setattr(parent, name.rsplit(".", 1)[-1], OneDNNLinear(linear))
-        linear.weight = None  # a reordered (bfloat16) weight is a copy: free the plain one now, not after the loop
-    return_freed_memory()
-    return len(targets)
+    return _replace(module, lambda m: type(m) is nn.Linear and m.weight.device.type == "cpu"
+                    and available(m.weight.dtype), lambda m: OneDNNLinear(m, rows))
+
+
+def use_onednn_in_mobilevlm(model: nn.Module) -> None:
+    """A MobileVLM's float layers on oneDNN: the decoder's laid out for decode steps (one row), the vision tower's
+    and projector's for one image's patches."""
+    use_onednn(model.llm)
+    patches = model.config.vision.num_patches + 1
+    use_onednn(model.vision_tower, patches)
+    use_onednn(model.mm_projector, patches)
+
+
+def use_plain_linears(module: nn.Module) -> int:
+    """Undo use_onednn under module, in place (for the ONNX export, which reads plain layers)."""
+    return _replace(module, lambda m: isinstance(m, OneDNNLinear), lambda m: m.to_linear())

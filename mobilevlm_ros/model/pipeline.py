@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cpu_linear import use_onednn
+from .cpu_linear import use_onednn_in_mobilevlm
 from .cuda_graph import enable_cuda_graphs
 from .errors import PromptTooLongError
 from .generate import SamplingParams, generate
@@ -53,7 +53,7 @@ class MobileVLMPipeline:
              compile_mode: str | None = None, quantize: str | None = None, onednn: bool = True
              ) -> MobileVLMPipeline:
         """quantize: None, or a CPU weight quantisation of the decoder's Linear layers (quantize.MODES).
-        onednn: on an x86 CPU, run the decoder's float Linear layers through oneDNN rather than MKL (cpu_linear.py)."""
+        onednn: on an x86 CPU, run the float Linear layers through oneDNN rather than MKL (cpu_linear.py)."""
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
         if quantize and device != "cpu":
@@ -62,7 +62,7 @@ class MobileVLMPipeline:
         if quantize:
             quantize_llm(model.llm, quantize)
         if onednn:
-            use_onednn(model.llm)
+            use_onednn_in_mobilevlm(model)
         return cls(model, tokenizer, max_seq_len, cuda_graphs, compile_mode)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:
