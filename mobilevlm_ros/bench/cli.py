@@ -25,7 +25,7 @@ OURS = {"ours-fp32": {"dtype": "float32"}, "ours-bf16": {"dtype": "bfloat16"},
         "ours-int8-dynamic": {"dtype": "float32", "quant": "int8-dynamic"},
         "ours-int4": {"dtype": "float32", "quant": "int4"},
         "ours-fp32-vision-onnxruntime": {"dtype": "float32", "vision_backend": "onnxruntime"},
-        # The decoder on torch's default (MKL) Linear kernels: what the oneDNN swap (model/cpu_linear.py) adds.
+        # Every Linear layer on torch's default (MKL) kernels: shows what the oneDNN swap (model/cpu_linear.py) adds.
         "ours-fp32-mkl": {"dtype": "float32", "onednn": False}}
 HF = {"hf-fp32": {"dtype": "float32"}, "hf-bf16": {"dtype": "bfloat16"}}
 LLAMACPP = {"llamacpp-F16": "F16", "llamacpp-Q8_0": "Q8_0", "llamacpp-Q4_0": "Q4_0"}

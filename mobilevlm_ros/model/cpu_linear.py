@@ -11,12 +11,11 @@ them back (the reorder is lossless both ways).
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from .quantize import return_freed_memory
+from .quantize import replace_modules
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -56,23 +55,10 @@ class OneDNNLinear(nn.Module):
         return linear
 
 
-def _replace(module: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module]) -> int:
-    """Replace every submodule that matches, one at a time, releasing each old weight as soon as it is replaced
-    (the new layouts are copies) rather than when the loop ends."""
-    targets = [(name, m) for name, m in module.named_modules() if match(m)]
-    for name, old in targets:
-        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        setattr(parent, name.rsplit(".", 1)[-1], make(old))
-        old.weight = None
-    if targets:
-        return_freed_memory()
-    return len(targets)
-
-
 def use_onednn(module: nn.Module, rows: int = 1) -> int:
     """Swap every CPU float32/bfloat16 ``nn.Linear`` under module for a OneDNNLinear, in place, where oneDNN is
     available for its dtype. Returns how many were swapped."""
-    return _replace(module, lambda m: type(m) is nn.Linear and m.weight.device.type == "cpu"
+    return replace_modules(module, lambda m: type(m) is nn.Linear and m.weight.device.type == "cpu"
                     and available(m.weight.dtype), lambda m: OneDNNLinear(m, rows))
 
 
@@ -87,4 +73,4 @@ def use_onednn_in_mobilevlm(model: nn.Module) -> None:
 
 def use_plain_linears(module: nn.Module) -> int:
     """Undo use_onednn under module, in place (for the ONNX export, which reads plain layers)."""
-    return _replace(module, lambda m: isinstance(m, OneDNNLinear), lambda m: m.to_linear())
+    return replace_modules(module, lambda m: isinstance(m, OneDNNLinear), lambda m: m.to_linear())

@@ -15,6 +15,7 @@ so quantising never needs a second full copy of the model. Accuracy is measured 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,16 +155,26 @@ def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head
     whose shape the kernel cannot take (kernel_takes) stays in float; every published MobileLLaMA shape fits."""
     if mode not in MODES:
         raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(MODES)})")
-    targets = [(name, m) for name, m in llm.named_modules() if isinstance(m, nn.Linear)
-               and (include_lm_head or not name.endswith("lm_head")) and kernel_takes(m, mode, groupsize)]
-    for name, linear in targets:
-        if linear.weight.device.type != "cpu":
-            raise ValueError("quantize_llm's kernels are CPU kernels; quantise a CPU model")
-        parent = llm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else llm
-        setattr(parent, name.rsplit(".", 1)[-1], quantize_linear(linear, mode, groupsize))
-        linear.weight = None  # release the float weight now, not when the loop ends
-    return_freed_memory()
+    if any(isinstance(m, nn.Linear) and m.weight.device.type != "cpu" for m in llm.modules()):
+        raise ValueError("quantize_llm's kernels are CPU kernels; quantise a CPU model")
+    lm_head = getattr(llm, "lm_head", None)
+    replace_modules(llm, lambda m: isinstance(m, nn.Linear) and (include_lm_head or m is not lm_head)
+                    and kernel_takes(m, mode, groupsize), lambda m: quantize_linear(m, mode, groupsize))
     return llm
+
+
+def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
+                    make: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every submodule that matches by make(it), in place, one at a time, releasing each old weight as soon
+    as it is replaced (the new layouts are copies) rather than when the loop ends. Returns how many."""
+    targets = [(name, m) for name, m in module.named_modules() if match(m)]
+    for name, old in targets:
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        setattr(parent, name.rsplit(".", 1)[-1], make(old))
+        old.weight = None
+    if targets:
+        return_freed_memory()
+    return len(targets)
 
 
 def return_freed_memory() -> None:
