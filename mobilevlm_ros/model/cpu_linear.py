@@ -58,8 +58,10 @@ class OneDNNLinear(nn.Module):
 def use_onednn(module: nn.Module, rows: int = 1) -> int:
     """Swap every CPU float32/bfloat16 ``nn.Linear`` under module for a OneDNNLinear, in place, where oneDNN is
     available for its dtype. Returns how many were swapped."""
-    return replace_modules(module, lambda m: type(m) is nn.Linear and m.weight.device.type == "cpu"
-                    and available(m.weight.dtype), lambda m: OneDNNLinear(m, rows))
+    def match(m: nn.Module) -> bool:
+        return type(m) is nn.Linear and m.weight.device.type == "cpu" and available(m.weight.dtype)
+
+    return replace_modules(module, match, lambda m: OneDNNLinear(m, rows))
 
 
 def use_onednn_in_mobilevlm(model: nn.Module) -> None:

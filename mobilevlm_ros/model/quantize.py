@@ -158,8 +158,11 @@ def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head
     if any(isinstance(m, nn.Linear) and m.weight.device.type != "cpu" for m in llm.modules()):
         raise ValueError("quantize_llm's kernels are CPU kernels; quantise a CPU model")
     lm_head = getattr(llm, "lm_head", None)
-    replace_modules(llm, lambda m: isinstance(m, nn.Linear) and (include_lm_head or m is not lm_head)
-                    and kernel_takes(m, mode, groupsize), lambda m: quantize_linear(m, mode, groupsize))
+
+    def match(m: nn.Module) -> bool:
+        return isinstance(m, nn.Linear) and (include_lm_head or m is not lm_head) and kernel_takes(m, mode, groupsize)
+
+    replace_modules(llm, match, lambda m: quantize_linear(m, mode, groupsize))
     return llm
 
 
