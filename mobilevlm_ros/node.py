@@ -86,6 +86,7 @@ class NodeConfig:
     cuda_graphs: bool = True
     cuda_graph_compile: str = ""
     quantize: str = ""
+    onednn: bool = True
     require_manifest: bool = False
     memory_reserve_mb: int = 0
     deactivate_timeout_s: float = 5.0
@@ -130,6 +131,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
     cuda_graphs = bool(p("cuda_graphs", True))
     cuda_graph_compile = p("cuda_graph_compile", "")
     quantize = p("quantize", "")
+    onednn = bool(p("onednn", True))
     require_manifest = bool(p("require_manifest", False))
     memory_reserve_mb = p("memory_reserve_mb", 0)
     max_seq_len = p("max_seq_len", 2048)
@@ -197,7 +199,7 @@ def declare_and_read_config(node: Node) -> NodeConfig:
         caption_rate_hz=caption_rate_hz, caption_prompt=caption_prompt, caption_cameras=tuple(caption_cameras),
         caption_max_new_tokens=caption_max_new_tokens, diagnostics_period_s=diagnostics_period_s,
         build_engines=build_engines, cuda_graphs=cuda_graphs, cuda_graph_compile=cuda_graph_compile,
-        quantize=quantize, require_manifest=require_manifest, memory_reserve_mb=memory_reserve_mb,
+        quantize=quantize, onednn=onednn, require_manifest=require_manifest, memory_reserve_mb=memory_reserve_mb,
         deactivate_timeout_s=deactivate_timeout_s)
 
 
@@ -237,7 +239,7 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     info(f"memory: {memory}")
     pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
                                       config.max_seq_len, config.cuda_graphs, config.cuda_graph_compile or None,
-                                      config.quantize or None)
+                                      config.quantize or None, config.onednn)
     warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
     encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)

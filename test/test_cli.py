@@ -20,8 +20,10 @@ def ask(*args: str, tmp_path=None):
     return proc
 
 
-def test_streams_plain_text_answer():
-    proc = ask("--model", MODEL, "--image", IMAGE, "--max-new-tokens", "16", "What is the robot doing on the street?")
+@pytest.mark.parametrize("kernels", [[], ["--no-onednn"]])  # oneDNN (the default on x86) or torch's MKL kernels
+def test_streams_plain_text_answer(kernels):
+    proc = ask("--model", MODEL, "--image", IMAGE, "--max-new-tokens", "16", *kernels,
+               "What is the robot doing on the street?")
     assert proc.returncode == 0
     assert proc.stdout.strip() == "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer
 

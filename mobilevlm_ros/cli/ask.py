@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length in positions")
     p.add_argument("--quantize", choices=MODES,
                    help="CPU weight quantisation of the decoder's Linear layers")
+    p.add_argument("--no-onednn", action="store_true",
+                   help="keep torch's default (MKL) kernels for the float Linear layers on x86 CPUs instead of oneDNN")
     p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
                    help="vision encoder backend (engines are built once and cached under --engines)")
     p.add_argument("--engines", default="engines", help="engine cache directory for --backend")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(DEFAULT_MODEL_DIR)
     try:
         vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len,
-                                     quantize=args.quantize)
+                                     quantize=args.quantize, onednn=not args.no_onednn)
         if args.backend != "torch":
             from ..engines import make_visual_encoder
 
