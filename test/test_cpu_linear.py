@@ -4,6 +4,8 @@ they check it end to end; these tests check the layer, that the swap really happ
 swap back is lossless."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -19,7 +21,7 @@ needs_onednn = pytest.mark.skipif(not available(torch.float32), reason="oneDNN i
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3,)])  # a decode step, a batched prompt, a bare vector
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (3,)])  # a decode step, a batched prompt, a 2-D input
 def test_onednn_linear_is_nn_linear(dtype, atol, bias, shape):
     if not available(dtype):
         pytest.skip(f"no oneDNN {dtype} kernel here")
@@ -28,7 +30,7 @@ def test_onednn_linear_is_nn_linear(dtype, atol, bias, shape):
     x = torch.randn(*shape, 96).to(dtype)
     with torch.inference_mode():
         expected = nn.functional.linear(x.float(), linear.weight.float(), None if not bias else linear.bias.float())
-        got = OneDNNLinear(linear, rows=shape[-1] if len(shape) > 1 else 1)(x)
+        got = OneDNNLinear(linear, rows=math.prod(shape))(x)
     assert got.dtype == dtype and got.shape == (*shape, 80)
     torch.testing.assert_close(got.float(), expected, atol=atol, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
 

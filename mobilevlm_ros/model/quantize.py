@@ -181,9 +181,9 @@ def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
 
 
 def return_freed_memory() -> None:
-    """Hand the heap pages freed by quantising (float weights, per-chunk temporaries) back to the OS. glibc keeps
-    them mapped otherwise, and the process stays about 0.2 GB (MobileVLM-1.7B, int4) above its model's size for
-    good. No-op where glibc is absent."""
+    """Hand the heap pages freed by replacing weights with new layouts (quantised ones, per-chunk temporaries,
+    cpu_linear.py's reordered ones) back to the OS. glibc keeps them mapped otherwise, and the process stays about 0.2 GB
+    (MobileVLM-1.7B, int4) above its model's size for good. No-op where glibc is absent."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
