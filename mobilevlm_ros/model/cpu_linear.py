@@ -6,7 +6,9 @@ prompt-sized products reach about 105 GFLOP/s; oneDNN, which ships inside the sa
 kernels by instruction set, reaches about 27-30 GB/s and 190-200 GFLOP/s with the weight reordered once into its
 blocked layout (bfloat16: 22-28 against 15 GB/s). The model code keeps ``nn.Linear`` (training, the ONNX export and
 the reference comparison see the plain model); the pipeline swaps the layers after loading, and the export swaps
-them back (the reorder is lossless both ways).
+them back (the reorder is lossless both ways). bfloat16 decoder layers keep their plain weight and run decode
+steps through the compiled product of cpu_decode.py, which reads it faster than oneDNN's bfloat16 kernel; their
+prompt-sized products run on the plain weight as fast as on a reordered one.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import platform
 import torch
 from torch import Tensor, nn
 
+from . import cpu_decode
 from .quantize import replace_modules
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -34,15 +37,22 @@ class OneDNNLinear(nn.Module):
     """Inference-only ``nn.Linear`` (no autograd) on ``torch.ops.mkldnn._linear_pointwise``.
 
     rows: the number of input rows the weight's layout is tuned for (1 for decode steps, a few hundred for an
-    image's patches); any number of rows works with any layout."""
+    image's patches); any number of rows works with any layout. A bfloat16 layer tuned for one row keeps the plain
+    weight and sends one-row inputs through cpu_decode.one_row_linear where torch.compile works."""
 
     def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows))
+        weight = linear.weight.detach()
+        self.compiled_one_row = rows == 1 and weight.dtype == torch.bfloat16 and cpu_decode.available()
+        if not self.compiled_one_row:
+            weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self.register_buffer("weight", weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.compiled_one_row and x.numel() == self.in_features:
+            return cpu_decode.one_row_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def to_linear(self) -> nn.Linear:
@@ -66,8 +76,13 @@ def use_onednn(module: nn.Module, rows: int = 1) -> int:
 
 def use_onednn_in_mobilevlm(model: nn.Module) -> None:
     """A MobileVLM's float layers on oneDNN: the decoder's laid out for decode steps (one row), the vision tower's
-    and projector's for one image's patches."""
+    and projector's for one image's patches. A bfloat16 decoder's one-token steps also run through cpu_decode's
+    compiled block and attention (MobileVLMPipeline compiles them when it sets up the cache)."""
     use_onednn(model.llm)
+    if any(isinstance(m, OneDNNLinear) and m.compiled_one_row for m in model.llm.modules()):
+        for layer in model.llm.layers:
+            layer.self_attn.attend_one_query = cpu_decode.one_query_attention
+            layer.compiled_one_token_block = cpu_decode.one_token_block
     patches = model.config.vision.num_patches + 1
     use_onednn(model.vision_tower, patches)
     use_onednn(model.mm_projector, patches)
@@ -76,3 +91,4 @@ def use_onednn_in_mobilevlm(model: nn.Module) -> None:
 def use_plain_linears(module: nn.Module) -> int:
     """Undo use_onednn under module, in place (for the ONNX export, which reads plain layers)."""
     return replace_modules(module, lambda m: isinstance(m, OneDNNLinear), lambda m: m.to_linear())
+

@@ -6,6 +6,8 @@ prefill writes the whole prompt, then each decode step writes one position and a
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,6 +69,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kv_cache: KVCache | None = None
+        # One new token over the cache; cpu_linear sets a compiled kernel for bfloat16 on x86 CPUs.
+        self.attend_one_query = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
                 mask_cache: bool = False) -> Tensor:
@@ -84,7 +88,7 @@ class Attention(nn.Module):
         if self.kv_cache is None:  # training: the sequence attends causally to itself, nothing is kept
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif t == 1 and not mask_cache:  # one new token sees the whole filled prefix: no mask needed
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = self.attend_one_query(q, k, v)
         else:
             mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -110,8 +114,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+        # When set, one-token steps run through this compiled copy of block (cpu_linear sets it for bfloat16 on
+        # x86 CPUs: fused, its small ops stop costing a call each).
+        self.compiled_one_token_block: Callable[..., Tensor] | None = None
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
                 mask_cache: bool = False) -> Tensor:
+        if self.compiled_one_token_block is not None and x.shape[1] == 1 and not mask_cache:
+            return self.compiled_one_token_block(self, x, cos, sin, input_pos, kv_len)
+        return self.block(x, cos, sin, input_pos, kv_len, mask_cache)
+
+    def block(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
+              mask_cache: bool = False) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -44,8 +44,17 @@ class MobileVLMPipeline:
         self.max_seq_len = model.llm.max_seq_len
         if cuda_graphs and self.device.type == "cuda":
             enable_cuda_graphs(model, compile_mode=compile_mode)
+        if model.llm.layers[0].compiled_one_token_block is not None:
+            self.compile_one_token_step()
         # Any callable pixel_values -> visual tokens; the ONNX Runtime and TensorRT engines plug in here.
         self.encode_images: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
+
+    @torch.inference_mode()
+    def compile_one_token_step(self) -> None:
+        """Build the compiled kernels of a CPU decode step (cpu_decode.py) now rather than in the first request:
+        one step at position 1 (kv_len 2, so the compiled shapes stay dynamic), which the next prefill
+        overwrites."""
+        self.model.decode_step(torch.zeros(1, dtype=torch.long, device=self.device), 1)
 
     @classmethod
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
