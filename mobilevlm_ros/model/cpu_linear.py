@@ -91,4 +91,3 @@ def use_onednn_in_mobilevlm(model: nn.Module) -> None:
 def use_plain_linears(module: nn.Module) -> int:
     """Undo use_onednn under module, in place (for the ONNX export, which reads plain layers)."""
     return replace_modules(module, lambda m: isinstance(m, OneDNNLinear), lambda m: m.to_linear())
-
