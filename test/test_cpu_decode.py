@@ -53,7 +53,7 @@ def test_bfloat16_pipeline_decodes_through_the_compiled_kernels(checkpoint):
     assert all(layer.compiled_one_token_block is cpu_decode.one_token_block for layer in llm.layers)
     assert all(layer.self_attn.attend_one_query is cpu_decode.one_query_attention for layer in llm.layers)
     linears = [m for m in llm.modules() if isinstance(m, OneDNNLinear)]
-    assert linears and all(m.compiled_one_row for m in linears)
+    assert linears and all(m.one_row_linear is cpu_decode.one_row_linear for m in linears)
     assert all(layer.compiled_one_token_block is None for layer in plain.model.llm.layers)
     torch.manual_seed(0)
     embeds = torch.randn(1, 20, llm.config.hidden_size).bfloat16()

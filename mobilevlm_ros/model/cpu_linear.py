@@ -13,11 +13,11 @@ prompt-sized products run on the plain weight as fast as on a reordered one.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import cpu_decode
 from .quantize import replace_modules
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -38,21 +38,28 @@ class OneDNNLinear(nn.Module):
 
     rows: the number of input rows the weight's layout is tuned for (1 for decode steps, a few hundred for an
     image's patches); any number of rows works with any layout. A bfloat16 layer tuned for one row keeps the plain
-    weight and sends one-row inputs through cpu_decode.one_row_linear where torch.compile works."""
+    weight and sends one-row inputs through one_row_linear (cpu_decode.one_row_linear where torch.compile works)."""
 
     def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
-        self.compiled_one_row = rows == 1 and weight.dtype == torch.bfloat16 and cpu_decode.available()
-        if not self.compiled_one_row:
+        self.one_row_linear: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
+        if rows == 1 and weight.dtype == torch.bfloat16:
+            # Imported here, not at the top: torch.compile's import (dynamo, inductor) adds about 3 s to every
+            # start, which models that never run these kernels should not pay.
+            from . import cpu_decode
+
+            if cpu_decode.available():
+                self.one_row_linear = cpu_decode.one_row_linear
+        if self.one_row_linear is None:
             weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.compiled_one_row and x.numel() == self.in_features:
-            return cpu_decode.one_row_linear(x, self.weight, self.bias)
+        if self.one_row_linear is not None and x.numel() == self.in_features:
+            return self.one_row_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def to_linear(self) -> nn.Linear:
@@ -79,7 +86,9 @@ def use_onednn_in_mobilevlm(model: nn.Module) -> None:
     and projector's for one image's patches. A bfloat16 decoder's one-token steps also run through cpu_decode's
     compiled block and attention (MobileVLMPipeline compiles them when it sets up the cache)."""
     use_onednn(model.llm)
-    if any(isinstance(m, OneDNNLinear) and m.compiled_one_row for m in model.llm.modules()):
+    if any(isinstance(m, OneDNNLinear) and m.one_row_linear is not None for m in model.llm.modules()):
+        from . import cpu_decode  # already imported by those layers
+
         for layer in model.llm.layers:
             layer.self_attn.attend_one_query = cpu_decode.one_query_attention
             layer.compiled_one_token_block = cpu_decode.one_token_block
