@@ -6,9 +6,10 @@ prompt-sized products reach about 105 GFLOP/s; oneDNN, which ships inside the sa
 kernels by instruction set, reaches about 27-30 GB/s and 190-200 GFLOP/s with the weight reordered once into its
 blocked layout (bfloat16: 22-28 against 15 GB/s). The model code keeps ``nn.Linear`` (training, the ONNX export and
 the reference comparison see the plain model); the pipeline swaps the layers after loading, and the export swaps
-them back (the reorder is lossless both ways). bfloat16 decoder layers keep their plain weight and run decode
-steps through the compiled product of cpu_decode.py, which reads it faster than oneDNN's bfloat16 kernel; their
-prompt-sized products run on the plain weight as fast as on a reordered one.
+them back (the reorder is lossless both ways). Decoder layers keep their plain weight and run decode steps
+through the compiled product of cpu_decode.py (faster than oneDNN's bfloat16 kernel, as fast as its float32 one,
+and fused with the rest of the step); their prompt-sized products run on the plain weight as fast as on a
+reordered one.
 """
 from __future__ import annotations
 
@@ -37,17 +38,17 @@ class OneDNNLinear(nn.Module):
     """Inference-only ``nn.Linear`` (no autograd) on ``torch.ops.mkldnn._linear_pointwise``.
 
     rows: the number of input rows the weight's layout is tuned for (1 for decode steps, a few hundred for an
-    image's patches); any number of rows works with any layout. A bfloat16 layer tuned for one row keeps the plain
-    weight and sends one-row inputs through one_row_linear (cpu_decode.one_row_linear where torch.compile works)."""
+    image's patches); any number of rows works with any layout. A layer tuned for one row keeps the plain weight
+    and sends one-row inputs through one_row_linear (cpu_decode.one_row_linear where torch.compile works)."""
 
     def __init__(self, linear: nn.Linear, rows: int):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
         self.one_row_linear: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
-        if rows == 1 and weight.dtype == torch.bfloat16:
+        if rows == 1:
             # Imported here, not at the top: torch.compile's import (dynamo, inductor) adds about 3 s to every
-            # start, which models that never run these kernels should not pay.
+            # start, which models without a CPU decoder (the GPU, the exported vision side) should not pay.
             from . import cpu_decode
 
             if cpu_decode.available():
@@ -83,8 +84,8 @@ def use_onednn(module: nn.Module, rows: int = 1) -> int:
 
 def use_onednn_in_mobilevlm(model: nn.Module) -> None:
     """A MobileVLM's float layers on oneDNN: the decoder's laid out for decode steps (one row), the vision tower's
-    and projector's for one image's patches. A bfloat16 decoder's one-token steps also run through cpu_decode's
-    compiled block and attention (MobileVLMPipeline compiles them when it sets up the cache)."""
+    and projector's for one image's patches. The decoder's one-token steps also run through cpu_decode's compiled
+    block and attention (MobileVLMPipeline compiles them at load)."""
     use_onednn(model.llm)
     if any(isinstance(m, OneDNNLinear) and m.one_row_linear is not None for m in model.llm.modules()):
         from . import cpu_decode  # already imported by those layers

@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kv_cache: KVCache | None = None
-        # One new token over the cache; cpu_linear sets a compiled kernel for bfloat16 on x86 CPUs.
+        # One new token over the cache; cpu_linear sets a compiled kernel for float decoders on x86 CPUs.
         self.attend_one_query = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
@@ -114,8 +114,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-        # When set, one-token steps run through this compiled copy of block (cpu_linear sets it for bfloat16 on
-        # x86 CPUs: fused, its small ops stop costing a call each).
+        # When set, one-token steps run through this compiled copy of block (cpu_linear sets it for float decoders
+        # on x86 CPUs: fused, its small ops stop costing a call each).
         self.compiled_one_token_block: Callable[..., Tensor] | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
