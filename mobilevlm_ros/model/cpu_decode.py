@@ -8,7 +8,7 @@ delivers about 30); for float32 weights it is as fast as oneDNN's kernel. torch'
 cache takes about 450 us per layer in bfloat16 (90 in float32); written out as two reductions it compiles to about
 90 us. Both accumulate in float32, as oneDNN and torch's attention do. The rest of a decoder layer (norms, RoPE,
 residuals) is compiled with them into one graph, so its few dozen small ops stop costing a call each: in float32,
-where the products alone gain nothing, the whole step is still 1.2-1.3x oneDNN's (docs/PERFORMANCE.md).
+where the products alone gain nothing, the whole step is still 1.16-1.34x oneDNN's (docs/PERFORMANCE.md).
 
 Inductor compiles C++ at run time: each weight shape compiles once per process (seconds; inductor's on-disk cache
 makes later starts fast). Where no compiler works, ``available()`` is False and callers keep torch's kernels.
