@@ -243,9 +243,10 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
     encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)
-    pipeline.encode_images = encode
     if vision.active != "torch":
-        info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'})")
+        pipeline.use_visual_engine(encode)
+        info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'}); "
+             "torch vision tower released")
     return LoadedModel(pipeline, vision, "; ".join(manifests) or "absent", memory)
 
 

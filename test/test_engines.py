@@ -170,6 +170,33 @@ def test_pipeline_with_onnxruntime_backend_generates_the_same_answer(pipelines, 
         make_visual_encoder("openvino", vlm.model, tmp_path)
 
 
+def test_an_engine_releases_the_torch_vision_tower(tmp_path):
+    """Once an engine encodes the images (as the node and mobilevlm-ask do), the torch vision tower and projector
+    are freed (nothing else holds them), the answers stay the same, and the model says why it cannot encode."""
+    import gc
+    import weakref
+
+    from PIL import Image
+
+    from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams
+    from mobilevlm_ros.model.quantize import weight_bytes
+
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny")
+    image = Image.open(REFERENCE / "images" / "demo.jpg")
+    params = SamplingParams(max_new_tokens=8)
+    expected = vlm.ask(image, "What is this?", params)
+    tower, projector = weakref.ref(vlm.model.vision_tower), weakref.ref(vlm.model.mm_projector)
+    vision_bytes = weight_bytes(vlm.model.vision_tower) + weight_bytes(vlm.model.mm_projector)
+    before = weight_bytes(vlm.model)
+    vlm.use_visual_engine(make_visual_encoder("onnxruntime", vlm.model, tmp_path))
+    gc.collect()
+    assert tower() is None and projector() is None
+    assert weight_bytes(vlm.model) == before - vision_bytes
+    assert vlm.ask(image, "What is this?", params).generated_ids == expected.generated_ids
+    with pytest.raises(RuntimeError, match="released"):
+        vlm.model.encode_images(vlm.pixel_values(image))
+
+
 def _run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)

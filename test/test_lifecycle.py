@@ -320,3 +320,27 @@ def test_autostart_and_torch_fallback_reported(tmp_path, models):
     finally:
         graph.close()
     assert process.proc.returncode == 0, process.log()
+
+
+def test_an_engine_backend_serves_and_the_torch_vision_tower_is_released(tmp_path, models):
+    """With build_engines the ONNX Runtime engine is built at configure and serves the answers; the torch vision
+    tower it replaces is released (logged), and /diagnostics names the engine's backend."""
+    pytest.importorskip("onnxruntime")
+    graph = Graph(tmp_path)
+    ns = "/lc5"
+    try:
+        process = start_lifecycle_node(graph, {**PARAMS, "model_path": str(models / "MobileVLM_V2-tiny"),
+                                               "autostart": True, "backend": "onnxruntime", "build_engines": True,
+                                               "engines_dir": str(tmp_path / "engines")}, "lc5", ns)
+        robot = Robot(graph, ns)
+        graph.wait_for_service(robot.ask, process)
+        answer, _ = answer_about_a_fresh_frame(robot, "an answer through the engine")
+        assert answer.tokens_generated == 8
+        status = wait_until(lambda: (s := inference_status(robot, ns, len(robot.diagnostics) - 1))
+                            and "serving" in s.message and s, what="diagnostics")
+        values = status_values(status)
+        assert values["backend"] == "onnxruntime" and values["backend_requested"] == "onnxruntime"
+        assert "torch vision tower released" in process.log()
+    finally:
+        graph.close()
+    assert process.proc.returncode == 0, process.log()

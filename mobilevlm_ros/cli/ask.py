@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..engines import make_visual_encoder
 
             try:
-                vlm.encode_images = make_visual_encoder(args.backend, vlm.model, args.engines)
+                vlm.use_visual_engine(make_visual_encoder(args.backend, vlm.model, args.engines))
             except RuntimeError as e:  # backend not installed, engine refused: an error message, not a traceback
                 raise ValueError(f"--backend {args.backend}: {e}") from None
         answer = vlm.ask(image, turns, params,

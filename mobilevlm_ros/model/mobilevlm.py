@@ -23,8 +23,15 @@ class MobileVLM(nn.Module):
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """[B, 3, 336, 336] -> visual tokens [B, 144, H] in the decoder's dtype."""
+        if self.vision_tower is None:
+            raise RuntimeError("this model's vision tower was released: an engine encodes its images")
         features = self.vision_tower(pixel_values)
         return self.mm_projector(features.to(self.llm.embed_tokens.weight.dtype))
+
+    def release_vision(self) -> None:
+        """Drop the vision tower and projector, weights and all, once an engine (ONNX Runtime, TensorRT) encodes
+        the images instead: MobileVLM-1.7B's are 0.6 GB in float16, 1.2 GB in float32."""
+        self.vision_tower = self.mm_projector = None
 
     def embed_prompt(self, input_ids: list[int], image_tokens: Tensor | None) -> Tensor:
         """Token embeddings with each IMAGE_TOKEN_INDEX slot replaced by the visual tokens: [1, L', H]."""

@@ -18,7 +18,7 @@ from .image import preprocess
 from .loader import load_model
 from .mobilevlm import MobileVLM
 from .prompt import build_prompt, tokenize_with_image
-from .quantize import quantize_llm
+from .quantize import quantize_llm, return_freed_memory
 from .tokenizer import Tokenizer
 
 
@@ -48,6 +48,16 @@ class MobileVLMPipeline:
             self.compile_one_token_step()
         # Any callable pixel_values -> visual tokens; the ONNX Runtime and TensorRT engines plug in here.
         self.encode_images: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
+
+    def use_visual_engine(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Encode images with an engine (engines.make_visual_encoder) from now on, and free the torch vision tower
+        and projector it replaces (nothing else reads them once the engine is built and validated)."""
+        self.encode_images = encode
+        self.model.release_vision()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        else:
+            return_freed_memory()
 
     @torch.inference_mode()
     def compile_one_token_step(self) -> None:
