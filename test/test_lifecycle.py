@@ -297,15 +297,20 @@ def test_shutdown_from_unconfigured_and_inactive(tmp_path, models):
         graph.close()
 
 
-def test_autostart_and_torch_fallback_reported(tmp_path, models):
-    """autostart configures and activates by itself; an engine backend that cannot be had (nothing in the cache
-    and build_engines false) falls back to the torch vision path, logged and on /diagnostics."""
+@pytest.mark.parametrize("build_engines", [False, True], ids=["torch-fallback", "engine-built"])
+def test_autostart_with_an_engine_backend(tmp_path, models, build_engines):
+    """autostart configures and activates by itself, asked for the onnxruntime backend. With build_engines the
+    engine is built at configure and serves the answers, and the torch vision tower it replaces is released
+    (logged); without it (and nothing in the cache) the torch vision path serves, logged and on /diagnostics."""
+    if build_engines:
+        pytest.importorskip("onnxruntime")
     graph = Graph(tmp_path)
-    ns = "/lc4"
+    ns = f"/lc{4 + build_engines}"
     try:
         process = start_lifecycle_node(graph, {**PARAMS, "model_path": str(models / "MobileVLM_V2-tiny"),
-                                               "autostart": True, "backend": "onnxruntime", "build_engines": False,
-                                               "engines_dir": str(tmp_path / "engines")}, "lc4", ns)
+                                               "autostart": True, "backend": "onnxruntime",
+                                               "build_engines": build_engines,
+                                               "engines_dir": str(tmp_path / "engines")}, ns[1:], ns)
         robot = Robot(graph, ns)
         graph.wait_for_service(robot.ask, process)
         answer, _ = answer_about_a_fresh_frame(robot, "an answer after autostart")
@@ -313,34 +318,14 @@ def test_autostart_and_torch_fallback_reported(tmp_path, models):
         status = wait_until(lambda: (s := inference_status(robot, ns, len(robot.diagnostics) - 1))
                             and "serving" in s.message and s, what="diagnostics")
         values = status_values(status)
-        assert values["backend"] == "torch" and values["backend_requested"] == "onnxruntime"
-        assert "build_engines is false" in values["vision_fallback"]
-        assert status.level == DiagnosticStatus.WARN and "vision on torch" in status.message
-        assert "falling back to torch" in process.log()
-    finally:
-        graph.close()
-    assert process.proc.returncode == 0, process.log()
-
-
-def test_an_engine_backend_serves_and_the_torch_vision_tower_is_released(tmp_path, models):
-    """With build_engines the ONNX Runtime engine is built at configure and serves the answers; the torch vision
-    tower it replaces is released (logged), and /diagnostics names the engine's backend."""
-    pytest.importorskip("onnxruntime")
-    graph = Graph(tmp_path)
-    ns = "/lc5"
-    try:
-        process = start_lifecycle_node(graph, {**PARAMS, "model_path": str(models / "MobileVLM_V2-tiny"),
-                                               "autostart": True, "backend": "onnxruntime", "build_engines": True,
-                                               "engines_dir": str(tmp_path / "engines")}, "lc5", ns)
-        robot = Robot(graph, ns)
-        graph.wait_for_service(robot.ask, process)
-        answer, _ = answer_about_a_fresh_frame(robot, "an answer through the engine")
-        assert answer.tokens_generated == 8
-        status = wait_until(lambda: (s := inference_status(robot, ns, len(robot.diagnostics) - 1))
-                            and "serving" in s.message and s, what="diagnostics")
-        values = status_values(status)
-        assert values["backend"] == "onnxruntime" and values["backend_requested"] == "onnxruntime"
-        assert "torch vision tower released" in process.log()
+        assert values["backend_requested"] == "onnxruntime"
+        if build_engines:
+            assert values["backend"] == "onnxruntime"
+            assert "torch vision tower released" in process.log()
+        else:
+            assert values["backend"] == "torch" and "build_engines is false" in values["vision_fallback"]
+            assert status.level == DiagnosticStatus.WARN and "vision on torch" in status.message
+            assert "falling back to torch" in process.log()
     finally:
         graph.close()
     assert process.proc.returncode == 0, process.log()
