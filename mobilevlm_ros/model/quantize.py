@@ -168,8 +168,9 @@ def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head
 
 def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
                     make: Callable[[nn.Module], nn.Module]) -> int:
-    """Replace every submodule that matches by make(it), in place, one at a time, releasing each old weight as soon
-    as it is replaced (the new layouts are copies) rather than when the loop ends. Returns how many."""
+    """Replace every submodule that matches by make(it), in place, one at a time, dropping each old weight as soon
+    as it is replaced rather than when the loop ends (where the new layout is a copy, the old one is freed then).
+    Returns how many."""
     targets = [(name, m) for name, m in module.named_modules() if match(m)]
     for name, old in targets:
         parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
@@ -182,8 +183,9 @@ def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
 
 def return_freed_memory() -> None:
     """Hand the heap pages freed by replacing weights with new layouts (quantised ones, per-chunk temporaries,
-    cpu_linear.py's reordered ones) back to the OS. glibc keeps them mapped otherwise, and the process stays about 0.2 GB
-    (MobileVLM-1.7B, int4) above its model's size for good. No-op where glibc is absent."""
+    cpu_linear.py's reordered ones) or by releasing them back to the OS. glibc keeps them mapped otherwise, and
+    the process stays about 0.2 GB (MobileVLM-1.7B, int4) above its model's size for good. No-op where glibc is
+    absent."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
