@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mobilevlm_ros.bench.cli import main as bench_main
-from mobilevlm_ros.bench.cli import cpu_features, cpu_name, ratios, table
+from mobilevlm_ros.bench.cli import cpu_features, cpu_name, median_ratios, median_results, ratios, table
 from mobilevlm_ros.bench.models import hf_llama_state, init_tensor, random_mobilevlm, real_config
 from mobilevlm_ros.model.config import LlamaConfig
 
@@ -56,6 +56,26 @@ def test_ratios_and_table_from_results():
     assert "ours-fp32" in md and "error: boom" in md
 
 
+def test_rounds_combine_into_medians():
+    """Each round's ratios pair runs made minutes apart; the rounds' ratios are combined by their median, and the
+    table shows each configuration's median numbers."""
+    def run(config, decode, round_index):
+        return {"model": "M", "config": config, "decode_tok_s": decode, "ttft_ms": 1000.0, "round": round_index,
+                "weights_bytes": 1e9, "peak_rss_bytes": 1.2e9}
+    rounds = [[run("ours-bf16", d, i), run("hf-bf16", h, i)]
+              for i, (d, h) in enumerate([(10.0, 4.0), (6.0, 3.0), (9.0, 3.0)])]  # ratios 2.5, 2.0, 3.0
+    combined = median_ratios([ratios(r) for r in rounds])
+    assert combined["M"]["decode_vs_hf_bf16"] == 2.5  # the ratio of the medians (9 / 3) would say 3.0
+    assert combined["M"]["ttft_speedup_vs_hf_bf16"] == 1.0
+    rows = median_results([r for rnd in rounds for r in rnd] + [{"model": "M", "config": "ours-int4",
+                                                               "error": "boom", "round": 0}])
+    assert [(r["config"], r.get("decode_tok_s"), r.get("rounds")) for r in rows] == \
+        [("ours-bf16", 9.0, 3), ("hf-bf16", 3.0, 3), ("ours-int4", None, None)]
+    assert "round" not in rows[0] and rows[2]["error"] == "boom"
+    assert median_ratios([{"M": {"decode_vs_llamacpp_16bit_config": c}} for c in ("a", "b", "b")]) == \
+        {"M": {"decode_vs_llamacpp_16bit_config": "b"}}
+
+
 def test_cpu_name_and_features_from_cpuinfo(tmp_path):
     """The benchmark names the instruction sets, not only the CPU's (often generic) name: the ones in CPU_FEATURES,
     from the x86 flags line or the Arm Features line, in CPU_FEATURES' order."""
@@ -79,10 +99,13 @@ def test_bench_smoke_on_shrunken_models(tmp_path):
         configs.append("hf-fp32")
     code = bench_main(["--models", "MobileVLM_V2-1.7B", "--configs", ",".join(configs), "--llm-layers", "1",
                        "--vision-layers", "2", "--decode-tokens", "3", "--question-tokens", "4",
-                       "--out", str(tmp_path), "--timeout", "600"])
+                       "--out", str(tmp_path), "--timeout", "600", "--rounds", "2"])
     data = json.loads((tmp_path / "results.json").read_text())
     assert code == 0, [r.get("error") for r in data["results"]]
-    assert [r["config"] for r in data["results"]] == configs
+    # two rounds, the second in reverse order; one median row per configuration
+    assert [(r["config"], r["round"]) for r in data["results"]] == \
+        [(c, 0) for c in configs] + [(c, 1) for c in reversed(configs)]
+    assert [(r["config"], r["rounds"]) for r in data["medians"]] == [(c, 2) for c in configs]
     for r in data["results"]:
         for field in ("preprocess_ms", "vision_ms", "prefill_tok_s", "ttft_ms", "decode_tok_s", "peak_rss_bytes"):
             assert r[field] > 0, (r["config"], field)

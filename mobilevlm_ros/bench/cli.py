@@ -4,6 +4,7 @@ process. Prints a table and the ratios; writes results.json, results.md and a pl
 
     mobilevlm-bench                                   # everything installed, all three models
     mobilevlm-bench --models MobileVLM-1.7B --configs ours-fp32,hf-fp32,llamacpp-Q4_0
+    mobilevlm-bench --models MobileVLM-1.7B --configs ours-bf16,llamacpp-F16 --rounds 3   # medians of 3 rounds
     mobilevlm-bench --gpu-check                       # the prepared GPU check (scripts/gpu_check.sh)
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -119,6 +121,28 @@ def gguf_file(model: str, qtype: str, cache: Path, seed: int, llm_layers: int | 
     return path
 
 
+def measure_config(model: str, config: str, args: argparse.Namespace) -> dict:
+    """One configuration of one model, measured in its own process (args: the command line's)."""
+    spec = {"model": model, "config": config, "decode_tokens": args.decode_tokens,
+            "question_tokens": args.question_tokens, "threads": args.threads or None, "seed": args.seed,
+            "llm_layers": args.llm_layers, "vision_layers": args.vision_layers}
+    if config in OURS:
+        spec.update(stack="ours", **OURS[config])
+    elif config in HF:
+        spec.update(stack="hf", **HF[config])
+    else:
+        spec.update(stack="llamacpp", gguf=LLAMACPP[config])
+        try:
+            spec["gguf_path"] = str(gguf_file(model, LLAMACPP[config], Path(args.gguf_cache), args.seed,
+                                              args.llm_layers, args.timeout))
+        except (subprocess.SubprocessError, OSError) as e:
+            return {**spec, "error": f"GGUF conversion failed: {e}"}
+    start = time.time()
+    r = run_spec(spec, args.timeout)
+    r["wall_s"] = round(time.time() - start, 1)
+    return r
+
+
 def ratios(results: list[dict]) -> dict:
     """Per model: the target ratios (ours over the baseline, >1 is better for us in every entry)."""
     out: dict[str, dict] = {}
@@ -158,6 +182,46 @@ def ratios(results: list[dict]) -> dict:
                 m[f"peak_over_weights_{config}"] = v
         out[model] = m
     return out
+
+
+def median_ratios(per_round: list[dict]) -> dict:
+    """ratios() of each round combined: per model and entry the median over the rounds that have it (for a
+    configuration name, the one most rounds name). Each round's ratio compares runs made minutes apart, so the
+    slow swings of a shared machine cancel in it, which they do not in a ratio of medians."""
+    out: dict[str, dict] = {}
+    for model in dict.fromkeys(m for r in per_round for m in r):
+        entries = [r[model] for r in per_round if model in r]
+        keys = dict.fromkeys(k for e in entries for k in e)
+        out[model] = {}
+        for key in keys:
+            values = [e[key] for e in entries if key in e]
+            if isinstance(values[0], str):
+                out[model][key] = max(set(values), key=values.count)
+            else:
+                out[model][key] = statistics.median(values)
+    return out
+
+
+def median_results(results: list[dict]) -> list[dict]:
+    """One row per (model, configuration): the median of each number over its rounds, "rounds" the number of
+    rounds that measured it. A configuration that failed in every round keeps its first error."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["model"], r["config"]), []).append(r)
+    rows = []
+    for runs in groups.values():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            rows.append(runs[0])
+            continue
+        row = dict(ok[0])
+        for key, value in ok[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = statistics.median(r[key] for r in ok if r.get(key) is not None)
+        row.pop("round", None)
+        row["rounds"] = len(ok)
+        rows.append(row)
+    return rows
 
 
 def _fmt(v, digits=1):
@@ -231,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.md, plot")
     p.add_argument("--gguf-cache", default=os.path.expanduser("~/.cache/mobilevlm-bench"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every configuration this many times, in turns (the order reversed every other "
+                        "round); the table shows medians and each ratio is the median of the rounds' ratios")
     p.add_argument("--gpu-check", action="store_true", help="run the GPU check instead (needs CUDA)")
     args = p.parse_args(argv)
     if args.gpu_check:
         from .gpu_check import main as gpu_main
 
         return gpu_main([])
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in REAL_MODELS:
@@ -256,39 +325,32 @@ def main(argv: list[str] | None = None) -> int:
     hw = hardware()
     print(f"# {hw['cpu']} ({' '.join(hw['cpu_features']) or 'no feature flags read'}), {hw['cores']} cores, "
           f"{hw['memory_gib']} GiB, torch {hw['torch']}", flush=True)
-    results = []
-    for model in models:
-        for config in configs:
-            spec = {"model": model, "config": config, "decode_tokens": args.decode_tokens,
-                    "question_tokens": args.question_tokens, "threads": args.threads or None, "seed": args.seed,
-                    "llm_layers": args.llm_layers, "vision_layers": args.vision_layers}
-            if config in OURS:
-                spec.update(stack="ours", **OURS[config])
-            elif config in HF:
-                spec.update(stack="hf", **HF[config])
-            else:
-                spec.update(stack="llamacpp", gguf=LLAMACPP[config])
-                try:
-                    spec["gguf_path"] = str(gguf_file(model, LLAMACPP[config], Path(args.gguf_cache), args.seed,
-                                                      args.llm_layers, args.timeout))
-                except (subprocess.SubprocessError, OSError) as e:
-                    results.append({**spec, "error": f"GGUF conversion failed: {e}"})
-                    continue
-            start = time.time()
-            r = run_spec(spec, args.timeout)
-            r["wall_s"] = round(time.time() - start, 1)
-            results.append(r)
-            status = r.get("error") or (f"decode {_fmt(r.get('decode_tok_s'), 2)} tok/s, "
-                                        f"TTFT {_fmt(r.get('ttft_ms') or r.get('ttft_llm_ms'), 0)} ms, "
-                                        f"vision {_fmt(r.get('vision_ms'), 0)} ms")
-            print(f"{model:18s} {config:24s} {status}", flush=True)
-            (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
-    summary = ratios(results)
-    md = table(results) + "\n\nRatios (ours / baseline, >1 is better for ours):\n\n```\n" + \
+    results: list[dict] = []
+    per_round: list[list[dict]] = []
+    for round_index in range(args.rounds):
+        # every other round runs the configurations in reverse, so a machine slowing down or speeding up over a
+        # round does not favour whichever configuration runs first
+        order = configs if round_index % 2 == 0 else configs[::-1]
+        per_round.append([])
+        for model in models:
+            for config in order:
+                r = measure_config(model, config, args)
+                r["round"] = round_index
+                per_round[-1].append(r)
+                results.append(r)
+                status = r.get("error") or (f"decode {_fmt(r.get('decode_tok_s'), 2)} tok/s, "
+                                            f"TTFT {_fmt(r.get('ttft_ms') or r.get('ttft_llm_ms'), 0)} ms, "
+                                            f"vision {_fmt(r.get('vision_ms'), 0)} ms")
+                print(f"{model:18s} {config:24s} {status}", flush=True)
+                (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
+    summary = median_ratios([ratios(r) for r in per_round])
+    medians = median_results(results)
+    md = table(medians) + "\n\nRatios (ours / baseline, >1 is better for ours):\n\n```\n" + \
         json.dumps(summary, indent=1) + "\n```\n"
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "ratios": summary}, indent=1))
-    plot(results, hw, out / "bench.png")
+    (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "medians": medians,
+                                                  "ratios": summary}, indent=1))
+    plot(medians, hw, out / "bench.png")
     print(md)
     return 0 if all("error" not in r for r in results) else 1
 
