@@ -94,7 +94,6 @@ def _question_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 def run_ours(spec: dict) -> dict:
     from ..model.cpu_linear import use_onednn_in_mobilevlm
     from ..model.image import preprocess
-    from ..model.quantize import return_freed_memory
     from .models import random_mobilevlm, real_config
 
     config = real_config(spec["model"], spec.get("llm_layers"), spec.get("vision_layers"))
@@ -120,7 +119,6 @@ def run_ours(spec: dict) -> dict:
         onnx_path = export_onnx(VisualEncoder.from_model(model), os.path.join(tmpdir, "visual.onnx"))
         encode = OnnxRuntimeVisualEncoder(onnx_path, "cpu", dtype)
         model.release_vision()  # as MobileVLMPipeline.use_visual_engine does once an engine serves
-        return_freed_memory()
     reset_peak()  # peak memory while serving, from here on (the ONNX export above is set-up, not serving)
     image = test_image()
     ids = _question_ids(question_n, config.llama.vocab_size)

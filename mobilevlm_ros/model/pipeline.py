@@ -18,7 +18,7 @@ from .image import preprocess
 from .loader import load_model
 from .mobilevlm import MobileVLM
 from .prompt import build_prompt, tokenize_with_image
-from .quantize import quantize_llm, return_freed_memory
+from .quantize import quantize_llm
 from .tokenizer import Tokenizer
 
 
@@ -54,10 +54,6 @@ class MobileVLMPipeline:
         and projector it replaces (nothing else reads them once the engine is built and validated)."""
         self.encode_images = encode
         self.model.release_vision()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        else:
-            return_freed_memory()
 
     @torch.inference_mode()
     def compile_one_token_step(self) -> None:
