@@ -50,17 +50,17 @@ class Recipe:
     workers: int = 2  # scene-rendering processes
     scenes: int = 8000
     # model sizes
-    vision_width: int = 96
+    vision_width: int = 128
     vision_layers: int = 4  # select layer -2: MobileVLM reads the first 3; the last only feeds CLIP's own head
     vision_heads: int = 4
-    vision_mlp: int = 384
+    vision_mlp: int = 512
     llm_width: int = 128
     llm_layers: int = 4
     llm_heads: int = 4
     llm_mlp: int = 352
     vocab_size: int = 512
     # phase 1
-    vision_steps: int = 2600
+    vision_steps: int = 3400
     vision_batch: int = 32
     vision_lr: float = 2e-3
     # phase 2
