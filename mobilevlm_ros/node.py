@@ -56,6 +56,9 @@ RELIABILITY = {"best_effort": ReliabilityPolicy.BEST_EFFORT, "reliable": Reliabi
 # The default service QoS keeps 10 requests: a burst beyond that would be dropped by DDS before the node could
 # answer BUSY, and those clients would wait forever. Every request must get an answer, so keep them all.
 REQUEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+# Action feedback carries text deltas that a client concatenates. With the default depth of 10, a client that falls
+# behind (a busy 2-core machine) loses the first deltas of a longer answer; keep them all, as for requests.
+FEEDBACK_QOS = REQUEST_QOS
 
 
 @dataclass(frozen=True)
@@ -334,7 +337,8 @@ class SceneInterface:
                                           cancel_callback=self._on_goal_cancel, callback_group=requests,
                                           goal_service_qos_profile=REQUEST_QOS,
                                           result_service_qos_profile=REQUEST_QOS,
-                                          cancel_service_qos_profile=REQUEST_QOS)
+                                          cancel_service_qos_profile=REQUEST_QOS,
+                                          feedback_pub_qos_profile=FEEDBACK_QOS)
         self._timers = MutuallyExclusiveCallbackGroup()
         self._intake = MutuallyExclusiveCallbackGroup()
         self.diagnostics_publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)

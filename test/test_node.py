@@ -30,6 +30,7 @@ from mobilevlm_ros.action import AskScene as AskSceneAction  # noqa: E402
 from mobilevlm_ros.bags import CameraFrame, write_camera_bag  # noqa: E402
 from mobilevlm_ros.demo.scenes import answer_matches, make_scene  # noqa: E402
 from mobilevlm_ros.msg import SceneCaption  # noqa: E402
+from mobilevlm_ros.node import FEEDBACK_QOS  # noqa: E402
 from mobilevlm_ros.srv import AskScene  # noqa: E402
 from rosgraph import Graph, NodeProcess, wait_until  # noqa: E402
 
@@ -82,7 +83,7 @@ class Robot:
         self.ns = ns
         # A client that sends bursts needs a response history as deep as its burst (the default keeps 10).
         self.ask = node.create_client(AskScene, f"{ns}/ask_scene", qos_profile=QoSProfile(depth=100))
-        self.action = ActionClient(node, AskSceneAction, f"{ns}/ask_scene")
+        self.action = ActionClient(node, AskSceneAction, f"{ns}/ask_scene", feedback_sub_qos_profile=FEEDBACK_QOS)
         qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self.front = node.create_publisher(Image, f"{ns}/front/image_raw", qos)
         self.rear = node.create_publisher(CompressedImage, f"{ns}/rear/image_raw/compressed", qos)
