@@ -31,7 +31,8 @@ from rclpy.lifecycle import LifecycleNode, State, TransitionCallbackReturn
 
 from .manifest import ManifestError, MemoryCheckError
 from .msg import SceneCaption
-from .node import MAX_QUEUE_LENGTH, SceneInterface, _param, declare_and_read_config, load_pipeline, run_node
+from .loading import load_pipeline
+from .node import MAX_QUEUE_LENGTH, SceneInterface, _param, declare_and_read_config, run_node
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
 FAILURE = TransitionCallbackReturn.FAILURE

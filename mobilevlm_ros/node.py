@@ -42,6 +42,8 @@ from std_msgs.msg import Header
 from .action import AskScene as AskSceneAction
 from .camera import Frame, FrameStore, validate_raw_image, FrameError
 from .msg import SceneCaption
+from .loading import LoadedModel, load_pipeline
+from .params import CameraConfig, NodeConfig
 from .server import ErrorCode, Job, SceneRequest, SceneResult, SceneServer, ServerConfig
 from .srv import AskScene as AskSceneService
 
@@ -59,40 +61,6 @@ REQUEST_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1000, reliabilit
 # Action feedback carries text deltas that a client concatenates. With the default depth of 10, a client that falls
 # behind (a busy 2-core machine) loses the first deltas of a longer answer; keep them all, as for requests.
 FEEDBACK_QOS = REQUEST_QOS
-
-
-@dataclass(frozen=True)
-class CameraConfig:
-    camera_id: str
-    topic: str
-    transport: str
-    reliability: str
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    model_path: str
-    vision_tower: str
-    device: str
-    dtype: str
-    backend: str
-    engines_dir: str
-    max_seq_len: int
-    cameras: tuple[CameraConfig, ...]
-    server: ServerConfig
-    caption_rate_hz: float
-    caption_prompt: str
-    caption_cameras: tuple[str, ...]
-    caption_max_new_tokens: int
-    diagnostics_period_s: float
-    build_engines: bool = True
-    cuda_graphs: bool = True
-    cuda_graph_compile: str = ""
-    quantize: str = ""
-    onednn: bool = True
-    require_manifest: bool = False
-    memory_reserve_mb: int = 0
-    deactivate_timeout_s: float = 5.0
 
 
 def _default_model_path() -> str:
@@ -204,53 +172,6 @@ def declare_and_read_config(node: Node) -> NodeConfig:
         build_engines=build_engines, cuda_graphs=cuda_graphs, cuda_graph_compile=cuda_graph_compile,
         quantize=quantize, onednn=onednn, require_manifest=require_manifest, memory_reserve_mb=memory_reserve_mb,
         deactivate_timeout_s=deactivate_timeout_s)
-
-
-@dataclass
-class LoadedModel:
-    pipeline: object  # MobileVLMPipeline
-    vision: object  # engines.provision.VisionBackend
-    manifest: str  # "verified N files" or "absent"
-    memory: str  # the memory check's log line
-
-
-def _info(logger):
-    return (lambda line: logger.info(line)) if logger is not None else (lambda line: None)
-
-
-def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
-    """Verify, then load: the manifest (when present, or required), free memory against the model's needs, the
-    model, and the vision encoder on the configured backend (engines reused, built under a lock when
-    build_engines allows it, or the torch path as a logged fallback). Raises with the reason on any problem."""
-    from .engines.provision import provision_visual_encoder
-    from .manifest import (ManifestError, available_memory, check_manifest, check_memory, estimate_model_memory,
-                           has_manifest)
-    from .model import MobileVLMPipeline
-
-    info = _info(logger)
-    manifests = []
-    for directory in filter(None, (config.model_path, config.vision_tower)):
-        if has_manifest(directory):
-            summary = check_manifest(directory)
-            manifests.append(f"verified {summary.files} files in {directory}")
-            info(f"manifest: {manifests[-1]} ({summary.total_bytes >> 20} MiB, {summary.seconds:.1f} s)")
-        elif config.require_manifest:
-            raise ManifestError(directory, "no mobilevlm_manifest.json and require_manifest is true")
-    estimate = estimate_model_memory(config.model_path, config.dtype, config.max_seq_len)
-    available, where = available_memory(config.device)
-    memory = check_memory(estimate, available, config.memory_reserve_mb << 20, where)
-    info(f"memory: {memory}")
-    pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
-                                      config.max_seq_len, config.cuda_graphs, config.cuda_graph_compile or None,
-                                      config.quantize or None, config.onednn)
-    warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
-    encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
-                                              allow_build=config.build_engines, log=warn)
-    if vision.active != "torch":
-        pipeline.use_visual_engine(encode)
-        info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'}); "
-             "torch vision tower released")
-    return LoadedModel(pipeline, vision, "; ".join(manifests) or "absent", memory)
 
 
 def _fill_result(target, result: SceneResult) -> None:
@@ -672,8 +593,10 @@ class SceneInterface:
         if vision.fell_back:
             main.level = DiagnosticStatus.WARN
             main.message = f"{main.message}; vision on torch, {vision.requested} unavailable: {vision.fallback_reason}"
-        if stats.inference_failed:
-            main.level, main.message = DiagnosticStatus.WARN, f"{stats.inference_failed} inference failures"
+        if stats.recent_inference_failures:
+            main.level = DiagnosticStatus.WARN
+            main.message = (f"{stats.recent_inference_failures} of the last {len(stats.recent_failures)} "
+                            f"inference runs failed ({stats.inference_failed} since start)")
         statuses = [main]
         if self.state != "active":
             return statuses

@@ -141,6 +141,15 @@ class Stats:
     captions: int = 0
     captions_skipped: int = 0
     latencies: dict[str, deque] = field(default_factory=dict)
+    # Whether each of the last RECENT_RUNS inference runs failed: /diagnostics warns while any of them did, and
+    # recovers once the model has answered that many times in a row.
+    recent_failures: deque = field(default_factory=lambda: deque(maxlen=Stats.RECENT_RUNS))
+
+    RECENT_RUNS = 10
+
+    @property
+    def recent_inference_failures(self) -> int:
+        return sum(self.recent_failures)
 
     def record(self, result: SceneResult, window: int) -> None:
         for name in ("vision_ms", "prefill_ms", "decode_ms", "total_ms"):
@@ -253,6 +262,8 @@ class SceneServer:
 
     def _finish(self, job: Job, result: SceneResult) -> None:
         with self._stats_lock:
+            if result.success or result.error_code == ErrorCode.INFERENCE_FAILED:
+                self.stats.recent_failures.append(not result.success)
             if result.success:
                 self.stats.record(result, self.config.latency_window)
                 if job.is_caption:

@@ -1,0 +1,57 @@
+"""Verify and load a model for serving, without ROS: the manifest, the memory check, the pipeline and its vision
+encoder on the configured backend. The node calls :func:`load_pipeline` at configure; anything else that serves
+(a benchmark, a test) can call it the same way."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .params import NodeConfig
+
+
+@dataclass
+class LoadedModel:
+    pipeline: object  # MobileVLMPipeline
+    vision: object  # engines.provision.VisionBackend
+    manifest: str  # "verified N files" or "absent"
+    memory: str  # the memory check's log line
+
+
+def _info(logger):
+    return (lambda line: logger.info(line)) if logger is not None else (lambda line: None)
+
+
+def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
+    """Verify, then load: the manifest (when present, or required), free memory against the model's needs, the
+    model, and the vision encoder on the configured backend (engines reused, built under a lock when
+    build_engines allows it, or the torch path as a logged fallback). Raises with the reason on any problem."""
+    from .engines.provision import provision_visual_encoder
+    from .manifest import (ManifestError, available_memory, check_manifest, check_memory, estimate_model_memory,
+                           has_manifest)
+    from .model import MobileVLMPipeline
+
+    info = _info(logger)
+    manifests = []
+    for directory in filter(None, (config.model_path, config.vision_tower)):
+        if has_manifest(directory):
+            summary = check_manifest(directory)
+            manifests.append(f"verified {summary.files} files in {directory}")
+            info(f"manifest: {manifests[-1]} ({summary.total_bytes >> 20} MiB, {summary.seconds:.1f} s)")
+        elif config.require_manifest:
+            raise ManifestError(directory, "no mobilevlm_manifest.json and require_manifest is true")
+    estimate = estimate_model_memory(config.model_path, config.dtype, config.max_seq_len)
+    available, where = available_memory(config.device)
+    memory = check_memory(estimate, available, config.memory_reserve_mb << 20, where)
+    info(f"memory: {memory}")
+    pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
+                                      config.max_seq_len, config.cuda_graphs, config.cuda_graph_compile or None,
+                                      config.quantize or None, config.onednn)
+    warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
+    encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
+                                              allow_build=config.build_engines, log=warn)
+    if vision.active != "torch":
+        pipeline.use_visual_engine(encode)
+        info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'}); "
+             "torch vision tower released")
+    return LoadedModel(pipeline, vision, "; ".join(manifests) or "absent", memory)
