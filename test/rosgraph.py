@@ -20,7 +20,14 @@ from rclpy.executors import MultiThreadedExecutor
 from mobilevlm_ros.rosenv import isolated_ros_env
 
 TIMEOUT_S = 60.0
+HELPERS = Path(__file__).resolve().parent / "ros_helpers"
 NODE_EXE = [sys.executable, "-m", "mobilevlm_ros.node"]
+LIFECYCLE_EXE = [sys.executable, "-m", "mobilevlm_ros.lifecycle_node"]
+# The same node with a model that fails or holds on marked questions (ros_helpers/scripted_node.py)
+SCRIPTED_NODE_EXE = [sys.executable, str(HELPERS / "scripted_node.py")]
+SCRIPTED_LIFECYCLE_EXE = [*SCRIPTED_NODE_EXE, "--lifecycle"]
+# A camera no node configures: a request naming it is answered UNKNOWN_CAMERA by a serving node, without inference
+PROBE_CAMERA = "__readiness_probe__"
 
 
 def _yaml(value, indent: int) -> list[str]:
@@ -51,12 +58,15 @@ def wait_until(condition, timeout: float = TIMEOUT_S, interval: float = 0.05, wh
 
 
 class NodeProcess:
-    """mobilevlm_node in its own process, its output in a log file."""
+    """mobilevlm_node (or ``command``) in its own process, its output in a log file. ``params_file`` is one file or
+    a list (later files win)."""
 
-    def __init__(self, env: dict, params_file: Path, log_path: Path, ros_args: list[str] = ()):
+    def __init__(self, env: dict, params_file, log_path: Path, ros_args: list[str] = (), command=NODE_EXE):
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen([*NODE_EXE, "--ros-args", "--params-file", str(params_file), *ros_args],
+        files = params_file if isinstance(params_file, (list, tuple)) else [params_file]
+        params = [arg for path in files for arg in ("--params-file", str(path))]
+        self.proc = subprocess.Popen([*command, "--ros-args", *params, *ros_args],
                                      env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -97,9 +107,10 @@ class Graph:
         except Exception:  # noqa: BLE001 - the context is shut down under it at the end of a test
             pass
 
-    def start_node(self, params: dict, name: str = "node", ros_args: list[str] = ()) -> NodeProcess:
+    def start_node(self, params: dict, name: str = "node", ros_args: list[str] = (),
+                   command=NODE_EXE) -> NodeProcess:
         params_file = write_params(self.tmp_path / f"{name}.yaml", params)
-        process = NodeProcess(self.env, params_file, self.tmp_path / f"{name}.log", list(ros_args))
+        process = NodeProcess(self.env, params_file, self.tmp_path / f"{name}.log", list(ros_args), command)
         self.processes.append(process)
         return process
 
@@ -110,6 +121,35 @@ class Graph:
                 raise RuntimeError(f"node exited with {process.proc.returncode}:\n{process.log()}")
             return client.service_is_ready()
         wait_until(ready, timeout, what=f"service {client.srv_name}")
+
+    def wait_until_serving(self, client, process: NodeProcess | None = None, timeout: float = 180.0) -> None:
+        """Until the node behind an AskScene ``client`` answers requests as an active node, not merely until its
+        service exists: a lifecycle node (and an autostarting one) has the service while it is still unconfigured
+        or loading the model, answering NOT_ACTIVE. The probe names PROBE_CAMERA: an active node answers it
+        UNKNOWN_CAMERA at once, without a frame and without running the model. Each probe waits a short while and is
+        sent again: a response sent before discovery has settled in both directions can be lost."""
+        from mobilevlm_ros.srv import AskScene
+
+        self.wait_for_service(client, process, timeout)
+        probe = AskScene.Request(question="are you serving?", camera_id=PROBE_CAMERA)
+        answers = []
+
+        def serving() -> bool:
+            if process is not None and process.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {process.proc.returncode}:\n{process.log()}")
+            try:
+                response = self.call(client, probe, 10.0)
+            except TimeoutError:
+                return False
+            answers.append(response.error_code)
+            if response.error_code == "NOT_ACTIVE":
+                return False
+            assert response.error_code == "UNKNOWN_CAMERA", (response.error_code, response.error_message)
+            return True
+        try:
+            wait_until(serving, timeout, interval=0.2, what=f"{client.srv_name} serving")
+        except TimeoutError as error:
+            raise TimeoutError(f"{error} (probe answers: {answers or 'none'})") from None
 
     def call(self, client, request, timeout: float = TIMEOUT_S):
         return self.result(client.call_async(request), timeout)
