@@ -268,13 +268,36 @@ def _now(received_monotonic: float | None) -> float:
     return time.monotonic() if received_monotonic is None else received_monotonic
 
 
+class FrameAge:
+    """How old a frame is: by its header stamp against a clock (``stamp``), or since it arrived (``arrival``).
+
+    ``now_ns`` is the node's ROS clock, which follows ``/clock`` when use_sim_time is set, so frames replayed from a
+    bag with their recorded stamps are judged against the bag's time. A frame stamped zero (drivers that do not
+    stamp) is judged by its arrival whatever the source.
+    """
+
+    def __init__(self, source: str = "stamp", now_ns: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.source = source
+        self.now_ns = now_ns
+        self.monotonic = monotonic
+
+    def __call__(self, frame: Frame) -> tuple[float, str]:
+        """(age in seconds, how it was judged, for messages)."""
+        if self.source == "stamp" and (frame.stamp_sec or frame.stamp_nanosec):
+            stamp_ns = frame.stamp_sec * 10**9 + frame.stamp_nanosec
+            # A stamp slightly ahead of this clock (another machine's clock) is a fresh frame, not a negative age.
+            return max(0.0, (self.now_ns() - stamp_ns) / 1e9), "by its header stamp"
+        return self.monotonic() - frame.received_monotonic, "since it arrived"
+
+
 class FrameStore:
     """Thread-safe newest frame per camera: ``put`` replaces, nothing queues."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._frames: dict[str, Frame] = {}
-        self._reported_failures: set[tuple[str, str]] = set()
+        self._last_reported: dict[tuple[str, str], float] = {}
 
     def put(self, frame: Frame) -> None:
         with self._lock:
@@ -284,23 +307,19 @@ class FrameStore:
         with self._lock:
             return self._frames.get(camera_id)
 
-    def age_s(self, camera_id: str, now: float | None = None) -> float | None:
-        """Seconds since the newest frame of ``camera_id`` arrived (``time.monotonic()`` clock), None if none has."""
-        frame = self.latest(camera_id)
-        if frame is None:
-            return None
-        return (time.monotonic() if now is None else now) - frame.received_monotonic
-
     def cameras(self) -> list[str]:
         """Cameras that have delivered a frame, in order of their first frame."""
         with self._lock:
             return list(self._frames)
 
-    def first_failure(self, camera_id: str, code: str) -> bool:
-        """True only the first time ``code`` is reported for ``camera_id``, so each problem is logged once."""
+    def report_due(self, camera_id: str, code: str, period_s: float, now: float | None = None) -> bool:
+        """True when ``code`` was not reported for ``camera_id`` in the last ``period_s`` seconds (and records
+        this report): a frame problem is logged again after a quiet period, never once per frame."""
+        now = time.monotonic() if now is None else now
         key = (camera_id, code)
         with self._lock:
-            if key in self._reported_failures:
+            last = self._last_reported.get(key)
+            if last is not None and now - last < period_s:
                 return False
-            self._reported_failures.add(key)
+            self._last_reported[key] = now
             return True

@@ -15,3 +15,7 @@ QUANTIZE_MODES = ("int8", "int8-dynamic", "int4")
 COMPILE_MODES = ("", "default", "max-autotune-no-cudagraphs")
 # Camera intake: sensor_msgs/Image or sensor_msgs/CompressedImage.
 TRANSPORTS = ("raw", "compressed")
+# Camera subscription reliability: "auto" matches the publishers' (as `ros2 bag record` does).
+RELIABILITIES = ("auto", "best_effort", "reliable")
+# How a frame's age is judged: its header stamp against the node's clock, or its arrival time.
+FRAME_AGE_SOURCES = ("stamp", "arrival")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from mobilevlm_ros import camera
-from mobilevlm_ros.camera import (BAD_FRAME, UNSUPPORTED_ENCODING, Frame, FrameError, FrameStore,
+from mobilevlm_ros.camera import (BAD_FRAME, UNSUPPORTED_ENCODING, Frame, FrameAge, FrameError, FrameStore,
                                   decode_compressed_image, decode_raw_image)
 
 REFERENCE_IMAGES = Path(__file__).parent / "data" / "reference" / "images"
@@ -374,8 +374,9 @@ def test_decompression_bomb_header_is_bad_frame():
 # --- Frame: lazy, decoded once --------------------------------------------------------------------------------
 
 
-def make_frame(decoder, camera_id: str = "front", seq: int = 0, received: float = 100.0) -> Frame:
-    return Frame(camera_id=camera_id, seq=seq, stamp_sec=12, stamp_nanosec=345, frame_id="cam_link",
+def make_frame(decoder, camera_id: str = "front", seq: int = 0, received: float = 100.0,
+               stamp: tuple[int, int] = (1, 500_000_000)) -> Frame:
+    return Frame(camera_id=camera_id, seq=seq, stamp_sec=stamp[0], stamp_nanosec=stamp[1], frame_id="cam_link",
                  encoding="rgb8", received_monotonic=received, decoder=decoder)
 
 
@@ -490,22 +491,28 @@ def test_store_put_does_not_decode(rgb_image):
     assert decoder.calls == 0
 
 
-def test_store_age(rgb_image):
-    store = FrameStore()
-    assert store.age_s("front") is None
-    store.put(make_frame(CountingDecoder(rgb_image), received=100.0))
-    assert store.age_s("front", now=102.5) == pytest.approx(2.5)
-    store.put(make_frame(CountingDecoder(rgb_image), received=time.monotonic()))
-    assert 0.0 <= store.age_s("front") < 5.0
+def test_frame_age_by_stamp_or_arrival(rgb_image):
+    """By its header stamp against the clock (a late delivery is old); by arrival when asked, or when the frame
+    carries no stamp (drivers that do not stamp)."""
+    frame = make_frame(CountingDecoder(rgb_image), received=100.0)  # stamped 1.5 s (see make_frame)
+    stamped = FrameAge("stamp", now_ns=lambda: 4 * 10**9, monotonic=lambda: 100.25)
+    assert stamped(frame) == (pytest.approx(2.5), "by its header stamp")
+    assert FrameAge("arrival", now_ns=lambda: 4 * 10**9, monotonic=lambda: 100.25)(frame) == (
+        pytest.approx(0.25), "since it arrived")
+    unstamped = make_frame(CountingDecoder(rgb_image), received=100.0, stamp=(0, 0))
+    assert stamped(unstamped) == (pytest.approx(0.25), "since it arrived")
+    ahead = FrameAge("stamp", now_ns=lambda: 10**9, monotonic=lambda: 100.25)  # the camera's clock runs ahead
+    assert ahead(frame) == (0.0, "by its header stamp")
 
 
-def test_first_failure_is_reported_once_per_camera_and_code():
+def test_frame_errors_are_reported_again_after_a_quiet_period():
+    """Per camera and error: once per period, so a fault that comes back after a recovery is logged again."""
     store = FrameStore()
-    assert store.first_failure("front", UNSUPPORTED_ENCODING) is True
-    assert store.first_failure("front", UNSUPPORTED_ENCODING) is False
-    assert store.first_failure("front", BAD_FRAME) is True
-    assert store.first_failure("rear", UNSUPPORTED_ENCODING) is True
-    assert store.first_failure("rear", UNSUPPORTED_ENCODING) is False
+    assert store.report_due("front", UNSUPPORTED_ENCODING, 10.0, now=0.0) is True
+    assert store.report_due("front", UNSUPPORTED_ENCODING, 10.0, now=9.9) is False
+    assert store.report_due("front", BAD_FRAME, 10.0, now=9.9) is True
+    assert store.report_due("rear", UNSUPPORTED_ENCODING, 10.0, now=9.9) is True
+    assert store.report_due("front", UNSUPPORTED_ENCODING, 10.0, now=10.0) is True
 
 
 def test_concurrent_put_and_latest(rgb_image):

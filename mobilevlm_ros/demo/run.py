@@ -61,7 +61,9 @@ class Asked:
 def _params_file(path: Path, model: Path) -> Path:
     path.write_text("\n".join([
         "/**:", "  ros__parameters:", f'    model_path: "{model}"', "    cameras: [front]",
-        "    max_frame_age_s: 2.0", "    max_new_tokens: 24", "    caption_rate_hz: 0.5",
+        # The bag is replayed with the stamps it was recorded with (seconds before the replay starts) and no
+        # /clock, so frames are judged by when they arrive.
+        "    frame_age_from: arrival", "    max_frame_age_s: 2.0", "    max_new_tokens: 24", "    caption_rate_hz: 0.5",
         "    caption_prompt: \"Describe the scene.\"", "    caption_max_new_tokens: 32"]) + "\n")
     return path
 
