@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
+from requirements import require_module
+
+rclpy = require_module("rclpy")
 
 from action_msgs.msg import GoalStatus  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402

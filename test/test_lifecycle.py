@@ -1,18 +1,22 @@
 """mobilevlm_lifecycle_node over real DDS: every transition driven from this process through the node's lifecycle
 services (lifecycle_msgs ChangeState / GetState), parameters changed through set_parameters, requests through the
 real ask_scene service and action.
+
+Requests in flight during a deactivate or a shutdown are held there by the scripted model
+(ros_helpers/scripted_node.py --lifecycle: the same node; a question marked [hold] stays in flight until cancelled,
+[hold:NAME] until the test releases it), so each transition meets exactly the requests the test means it to.
 """
 from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 
-rclpy = pytest.importorskip("rclpy")
-pytest.importorskip("lifecycle_msgs")
+from requirements import require_module
+
+rclpy = require_module("rclpy")
+require_module("lifecycle_msgs")
 
 from action_msgs.msg import GoalStatus  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
@@ -25,10 +29,11 @@ from conftest import CHECKPOINTS  # noqa: E402
 from mobilevlm_ros.action import AskScene as AskSceneAction  # noqa: E402
 from mobilevlm_ros.manifest import write_manifest  # noqa: E402
 from mobilevlm_ros.srv import AskScene  # noqa: E402
-from rosgraph import Graph, NodeProcess, wait_until, write_params  # noqa: E402
+from rosgraph import LIFECYCLE_EXE, SCRIPTED_LIFECYCLE_EXE, Graph, NodeProcess, wait_until, write_params  # noqa: E402
+from ros_helpers.scripted_node import RELEASE_DIR_ENV  # noqa: E402
 from test_node import QUESTION, Robot  # noqa: E402
 
-LIFECYCLE_EXE = [sys.executable, "-m", "mobilevlm_ros.lifecycle_node"]
+HOLD = "[hold] "  # scripted_node.py: stays in flight until cancelled
 PARAMS = {
     "model_path": "/nonexistent/model",
     "cameras": ["front"],
@@ -42,19 +47,16 @@ PARAMS = {
 
 
 class LifecycleProcess(NodeProcess):
-    """mobilevlm_lifecycle_node in its own process (rosgraph's NodeProcess runs the plain node)."""
+    """mobilevlm_lifecycle_node (or ``command``) in its own process, with params files (later files win)."""
 
-    def __init__(self, env: dict, params_files: list, log_path, ros_args=()):
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        files = [arg for path in params_files for arg in ("--params-file", str(path))]  # later files win
-        self.proc = subprocess.Popen([*LIFECYCLE_EXE, "--ros-args", *files, *ros_args], env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+    def __init__(self, env: dict, params_files: list, log_path, ros_args=(), command=LIFECYCLE_EXE):
+        super().__init__(env, list(params_files), log_path, list(ros_args), command)
 
 
-def start_lifecycle_node(graph: Graph, params: dict, name: str, ns: str) -> LifecycleProcess:
+def start_lifecycle_node(graph: Graph, params: dict, name: str, ns: str, command=LIFECYCLE_EXE) -> LifecycleProcess:
     params_file = write_params(graph.tmp_path / f"{name}.yaml", params)
-    process = LifecycleProcess(graph.env, [params_file], graph.tmp_path / f"{name}.log", ["-r", f"__ns:={ns}"])
+    process = LifecycleProcess(graph.env, [params_file], graph.tmp_path / f"{name}.log", ["-r", f"__ns:={ns}"],
+                               command)
     graph.processes.append(process)
     return process
 
@@ -129,9 +131,9 @@ def answer_about_a_fresh_frame(robot: Robot, what: str):
     return wait_until(attempt, interval=0.2, what=what), stamps
 
 
-def goal(graph: Graph, robot: Robot, max_new_tokens: int, feedback: list):
+def goal(graph: Graph, robot: Robot, max_new_tokens: int, feedback: list, question: str = QUESTION):
     handle = graph.result(robot.action.send_goal_async(
-        AskSceneAction.Goal(question=QUESTION, max_new_tokens=max_new_tokens, temperature=0.0),
+        AskSceneAction.Goal(question=question, max_new_tokens=max_new_tokens, temperature=0.0),
         feedback_callback=feedback.append))
     assert handle.accepted
     return handle
@@ -155,8 +157,11 @@ def test_every_transition_through_the_lifecycle_services(tmp_path, models):
     good = weights.read_bytes()
     ns = "/lc1"
     graph = Graph(tmp_path)
+    release = tmp_path / "release"
+    release.mkdir()
+    graph.env[RELEASE_DIR_ENV] = str(release)
     try:
-        process = start_lifecycle_node(graph, PARAMS, "lc1", ns)
+        process = start_lifecycle_node(graph, PARAMS, "lc1", ns, SCRIPTED_LIFECYCLE_EXE)
         lc = Lifecycle(graph, f"{ns}/mobilevlm_node", process)
         robot = Robot(graph, ns)
         graph.wait_for_service(robot.ask, process)
@@ -209,12 +214,17 @@ def test_every_transition_through_the_lifecycle_services(tmp_path, models):
                                           and s.message == "serving" and s, what="serving on /diagnostics"))
         assert values["lifecycle_state"] == "active" and values["manifest"].startswith("verified 6 files")
 
-        # deactivate with a request in flight that finishes within deactivate_timeout_s: answered normally
+        # deactivate with a request in flight that finishes within deactivate_timeout_s: answered normally. The
+        # request is held until the deactivate has closed the door to new requests, then released.
         lc.set(deactivate_timeout_s=120.0)
         feedback = []
-        handle = goal(graph, robot, 300, feedback)
+        handle = goal(graph, robot, 300, feedback, "[hold:finish] " + QUESTION)
         wait_until(lambda: feedback, what="generation under way")
-        assert lc.transition(Transition.TRANSITION_DEACTIVATE) is True
+        deactivating = lc.transition_async(Transition.TRANSITION_DEACTIVATE)
+        wait_until(lambda: robot.question().error_code == "NOT_ACTIVE", what="new requests refused while deactivating")
+        assert not deactivating.done()  # still waiting for the request in flight
+        (release / "finish").touch()
+        assert graph.result(deactivating, 180).success is True
         finished = graph.result(handle.get_result_async())
         assert finished.status == GoalStatus.STATUS_SUCCEEDED and finished.result.tokens_generated == 300
         assert lc.state() == "inactive"
@@ -224,13 +234,14 @@ def test_every_transition_through_the_lifecycle_services(tmp_path, models):
         refused_goal = graph.result(goal(graph, robot, 8, []).get_result_async())
         assert refused_goal.status == GoalStatus.STATUS_ABORTED and refused_goal.result.error_code == "NOT_ACTIVE"
 
-        # deactivate with requests in flight that take longer: cancelled after the timeout, answered NOT_ACTIVE
+        # deactivate with requests in flight that take longer (held until cancelled): cancelled after the timeout,
+        # answered NOT_ACTIVE
         assert lc.transition(Transition.TRANSITION_ACTIVATE) is True
         answer_about_a_fresh_frame(robot, "an answer after re-activation")
         lc.set(deactivate_timeout_s=0.5)
         feedback = []
-        handle = goal(graph, robot, 1700, feedback)
-        wait_until(lambda: len(feedback) >= 3, what="a long generation under way")
+        handle = goal(graph, robot, 1700, feedback, HOLD + QUESTION)
+        wait_until(lambda: feedback, what="a long generation under way (held)")
         request = AskScene.Request(question=QUESTION, max_new_tokens=4, temperature=-1.0)
         queued = [robot.ask.call_async(request) for _ in range(2)]
         mark = len(robot.diagnostics)
@@ -257,8 +268,8 @@ def test_every_transition_through_the_lifecycle_services(tmp_path, models):
         assert lc.transition(Transition.TRANSITION_ACTIVATE) is True
         answer_about_a_fresh_frame(robot, "an answer after reconfiguring")
         feedback = []
-        handle = goal(graph, robot, 1700, feedback)
-        wait_until(lambda: len(feedback) >= 3, what="generation under way before shutdown")
+        handle = goal(graph, robot, 1700, feedback, HOLD + QUESTION)
+        wait_until(lambda: feedback, what="generation under way before shutdown (held)")
         queued = robot.ask.call_async(request)
         mark = len(robot.diagnostics)
         wait_until(lambda: (s := inference_status(robot, ns, mark)) and status_values(s)["queue_depth"] == "1",
@@ -303,7 +314,8 @@ def test_autostart_with_an_engine_backend(tmp_path, models, build_engines):
     engine is built at configure and serves the answers, and the torch vision tower it replaces is released
     (logged); without it (and nothing in the cache) the torch vision path serves, logged and on /diagnostics."""
     if build_engines:
-        pytest.importorskip("onnxruntime")
+        require_module("onnxruntime", "the engine backend of this case")
+        require_module("onnx", "the engine backend of this case")
     graph = Graph(tmp_path)
     ns = f"/lc{4 + build_engines}"
     try:
@@ -312,7 +324,7 @@ def test_autostart_with_an_engine_backend(tmp_path, models, build_engines):
                                                "build_engines": build_engines,
                                                "engines_dir": str(tmp_path / "engines")}, ns[1:], ns)
         robot = Robot(graph, ns)
-        graph.wait_for_service(robot.ask, process)
+        graph.wait_until_serving(robot.ask, process)  # the service exists before autostart has configured
         answer, _ = answer_about_a_fresh_frame(robot, "an answer after autostart")
         assert answer.tokens_generated == 8
         status = wait_until(lambda: (s := inference_status(robot, ns, len(robot.diagnostics) - 1))
