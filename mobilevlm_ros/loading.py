@@ -30,6 +30,7 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     from .manifest import (ManifestError, available_memory, check_manifest, check_memory, estimate_model_memory,
                            has_manifest)
     from .model import MobileVLMPipeline
+    from .model.pipeline import choose_fast_paths, load_checkpoint
 
     info = _info(logger)
     manifests = []
@@ -44,14 +45,17 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     available, where = available_memory(config.device)
     memory = check_memory(estimate, available, config.memory_reserve_mb << 20, where)
     info(f"memory: {memory}")
-    pipeline = MobileVLMPipeline.load(config.model_path, config.vision_tower or None, config.device, config.dtype,
-                                      config.max_seq_len, config.cuda_graphs, config.cuda_graph_compile or None,
-                                      config.quantize or None, config.onednn)
+    # What runs is chosen here, once: the kernels from the load options, the vision encoder from the backend
+    # (an engine read off the freshly loaded model, or None for its torch vision tower).
+    fast_paths = choose_fast_paths(config.device, config.dtype, config.quantize or None, config.onednn,
+                                   config.cuda_graphs, config.cuda_graph_compile or None)
+    model, tokenizer = load_checkpoint(config.model_path, config.vision_tower or None, config.device, config.dtype,
+                                       config.quantize or None)
     warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
-    encode, vision = provision_visual_encoder(config.backend, pipeline.model, config.engines_dir,
+    engine, vision = provision_visual_encoder(config.backend, model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)
-    if vision.active != "torch":
-        pipeline.use_visual_engine(encode)
+    pipeline = MobileVLMPipeline(model, tokenizer, config.max_seq_len, fast_paths, engine)
+    if engine is not None:
         info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'}); "
              "torch vision tower released")
     return LoadedModel(pipeline, vision, "; ".join(manifests) or "absent", memory)

@@ -16,7 +16,9 @@ def golden_cases(checkpoint: str) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def pipelines():
-    """Both reference checkpoints loaded once per session (float32, CPU)."""
+    """Both reference checkpoints loaded once per session (float32, CPU) with the defaults the node uses (oneDNN
+    layers and the compiled decode step on x86). Shared by many test files: tests run them and read them, never
+    change them (a test that needs another layout or vision encoder loads its own)."""
     from mobilevlm_ros.model import MobileVLMPipeline
 
     return {name: MobileVLMPipeline.load(CHECKPOINTS / name) for name in CHECKPOINT_NAMES}

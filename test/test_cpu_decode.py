@@ -51,26 +51,28 @@ def test_one_query_attention_is_sdpa(positions, dtype, tolerance):
 @pytest.mark.parametrize("checkpoint", CHECKPOINT_NAMES)
 @pytest.mark.parametrize("dtype,tolerance", DTYPES)
 def test_pipeline_decodes_through_the_compiled_kernels(checkpoint, dtype, tolerance):
-    """Every decoder layer's one-token step, attention and one-row products are the compiled ones; the decode
-    logits agree with the same pipeline on torch's kernels (onednn=False) within the dtype's rounding."""
+    """The pipeline's decode step runs every decoder layer through the compiled one-token step (which attends
+    with the compiled one-query kernel) and its products through the compiled one-row product; the decode logits
+    agree with the same pipeline on torch's kernels (onednn=False) within the dtype's rounding."""
     if not available(dtype):
         pytest.skip(f"no oneDNN {dtype} kernel here")
     name = str(dtype).removeprefix("torch.")
     fast = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, dtype=name)
     plain = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, dtype=name, onednn=False)
     llm = fast.model.llm
-    assert all(layer.compiled_one_token_block is cpu_decode.one_token_block for layer in llm.layers)
-    assert all(layer.self_attn.attend_one_query is cpu_decode.one_query_attention for layer in llm.layers)
+    assert fast.fast_paths.decode_step == "cpu_compiled" and plain.fast_paths.decode_step == "eager"
+    assert fast.decode_step.func == fast.model.decode_step
+    assert fast.decode_step.keywords == {"run_layer": cpu_decode.one_token_layer}
+    assert plain.decode_step == plain.model.decode_step
     linears = [m for m in llm.modules() if isinstance(m, OneDNNLinear)]
-    assert linears and all(m.one_row_linear is cpu_decode.one_row_linear for m in linears)
-    assert all(layer.compiled_one_token_block is None for layer in plain.model.llm.layers)
+    assert linears and all(m.one_row_product is cpu_decode.one_row_linear for m in linears)
     torch.manual_seed(0)
     embeds = torch.randn(1, 20, llm.config.hidden_size).to(dtype)
     with torch.inference_mode():
         fast.model.prefill(embeds)
         token = plain.model.prefill(embeds).argmax(-1)
         for pos in range(20, 28):  # both fed the same tokens, so their caches hold the same positions
-            got, expected = fast.model.decode_step(token, pos), plain.model.decode_step(token, pos)
+            got, expected = fast.decode_step(token, pos), plain.decode_step(token, pos)
             torch.testing.assert_close(got.float(), expected.float(), atol=tolerance * 0.25,
                                        rtol=tolerance * 0.05)
             token = expected.argmax(-1)

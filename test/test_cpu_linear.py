@@ -1,7 +1,8 @@
-"""Linear layers on oneDNN (model/cpu_linear.py): the same function as nn.Linear, swapped in by the pipeline
-wherever oneDNN is available. The reference goldens (test_model_reference.py) run through the swapped pipeline, so
-they check it end to end; these tests check the layer, that the swap really happens, and that the ONNX export's
-swap back is lossless."""
+"""Linear layers on oneDNN (model/cpu_linear.py): the same function as nn.Linear, laid out by the pipeline wherever
+oneDNN is available. The reference goldens (test_model_reference.py) run through such a pipeline, so they check it
+end to end; these tests check the layer, that the layout really happens (also for the node's default load), and
+that what reads plain layers (the ONNX export, the weights digest) gets them losslessly without changing the
+model."""
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from conftest import CHECKPOINT_NAMES, CHECKPOINTS
-from mobilevlm_ros.model import MobileVLMPipeline
 from mobilevlm_ros.engines.visual import VisualEncoder, weights_digest
-from mobilevlm_ros.model.cpu_linear import OneDNNLinear, available, use_onednn, use_plain_linears
+from mobilevlm_ros.model import MobileVLMPipeline
+from mobilevlm_ros.model.cpu_linear import OneDNNLinear, available, plain_copy, use_onednn
 from mobilevlm_ros.model.quantize import weight_bytes
 
 needs_onednn = pytest.mark.skipif(not available(torch.float32), reason="oneDNN is used on x86 CPUs only")
@@ -37,7 +38,7 @@ def test_onednn_linear_is_nn_linear(dtype, atol, bias, shape):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swap_and_swap_back_are_lossless_and_release_the_old_weights(dtype):
+def test_swap_releases_the_old_weights_and_the_plain_copy_is_lossless(dtype):
     if not available(dtype):
         pytest.skip(f"no oneDNN {dtype} kernel here")
     torch.manual_seed(0)
@@ -49,22 +50,58 @@ def test_swap_and_swap_back_are_lossless_and_release_the_old_weights(dtype):
     assert [type(m) for m in model] == [OneDNNLinear, nn.SiLU, OneDNNLinear]
     assert weight_bytes(model) == before
     assert all(m.weight is None for m in originals)
-    assert use_plain_linears(model) == 2
-    assert [type(m) for m in model] == [nn.Linear, nn.SiLU, nn.Linear]
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items()) and len(plain) == 3
+    copy = plain_copy(model)
+    assert [type(m) for m in copy] == [nn.Linear, nn.SiLU, nn.Linear]
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in plain.items()) and len(plain) == 3
+    assert [type(m) for m in model] == [OneDNNLinear, nn.SiLU, OneDNNLinear]  # the original is left as it was
+    x = torch.randn(5, 64).to(dtype)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).float(), copy(x).float(), atol=1e-5 if dtype == torch.float32 else 0.03,
+                                   rtol=1e-5 if dtype == torch.float32 else 0.02)
 
 
 @needs_onednn
 @pytest.mark.parametrize("checkpoint", CHECKPOINT_NAMES)
 def test_pipeline_runs_on_onednn_and_can_opt_out(checkpoint):
-    """Every float Linear of the loaded model is swapped (the goldens then hold for the swapped model); the ONNX
-    export's VisualEncoder swaps the vision side back to the same weights (same digest, so the same cached
-    engines); onednn=False keeps torch's kernels."""
+    """Every float Linear of the loaded model is on oneDNN (the goldens then hold for these layers); reading the
+    vision side for the ONNX export (VisualEncoder, its weights digest) sees the same plain weights as a model
+    loaded without oneDNN (so the same cached engines) and leaves the layers as they are; onednn=False keeps
+    torch's kernels."""
     vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint)
     linears = [m for m in vlm.model.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
     assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
     plain = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False)
     assert not any(isinstance(m, OneDNNLinear) for m in plain.model.modules())
-    encoder = VisualEncoder.from_model(vlm.model)
-    assert not any(isinstance(m, OneDNNLinear) for m in encoder.modules())
-    assert weights_digest(encoder) == weights_digest(VisualEncoder.from_model(plain.model))
+    assert weights_digest(VisualEncoder.from_model(vlm.model)) == weights_digest(VisualEncoder.from_model(plain.model))
+    assert [m for m in vlm.model.modules() if isinstance(m, (nn.Linear, OneDNNLinear))] == linears
+
+
+@needs_onednn
+def test_the_nodes_default_load_runs_on_onednn(tmp_path):
+    """loading.load_pipeline with every parameter at the node's default (params.py's table) but the model: the
+    vision tower, projector and decoder are on oneDNN, decode steps on the compiled CPU kernels, and the vision
+    encoder is the torch one over those layers. A regression that silently falls back to MKL fails here."""
+    from mobilevlm_ros.loading import load_pipeline
+    from mobilevlm_ros.model import cpu_decode
+    from mobilevlm_ros.params import BY_NAME, camera_parameters, read_config
+
+    def node_default(name: str):
+        if name == "model_path":
+            return str(CHECKPOINTS / "MobileVLM_V2-tiny")
+        if name in BY_NAME:
+            return BY_NAME[name].default
+        camera_id = name.split(".")[1]
+        return next(p.default for p in camera_parameters(camera_id) if p.name == name)
+
+    loaded = load_pipeline(read_config(node_default))
+    vlm = loaded.pipeline
+    assert loaded.vision.active == "torch" and not loaded.vision.fell_back
+    for part in (vlm.model.vision_tower, vlm.model.mm_projector, vlm.model.llm):
+        linears = [m for m in part.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
+        assert linears and all(isinstance(m, OneDNNLinear) for m in linears), type(part).__name__
+    decoder_linears = [m for m in vlm.model.llm.modules() if isinstance(m, OneDNNLinear)]
+    if cpu_decode.available():
+        assert vlm.fast_paths.decode_step == "cpu_compiled"
+        assert all(m.one_row_product is cpu_decode.one_row_linear for m in decoder_linears)
+        assert vlm.decode_step.keywords["run_layer"] is cpu_decode.one_token_layer
+    assert vlm.encode_images == vlm.model.encode_images

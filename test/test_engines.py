@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from mobilevlm_ros.engines import (EngineCache, EngineKey, EngineRejected, Visua
                                    file_sha256, make_visual_encoder, reference_validator)
 from mobilevlm_ros.engines import tensorrt_backend  # noqa: E402
 from mobilevlm_ros.engines.onnxrt import OnnxRuntimeVisualEncoder, build_ort_engine, ort_engine_key  # noqa: E402
+from mobilevlm_ros.model import MobileVLMPipeline  # noqa: E402
 
 STEMS = sorted(p.stem for p in (REFERENCE / "images").iterdir())
 TRT_MODULE = Path(tensorrt_backend.__file__)
@@ -148,26 +150,30 @@ def test_engine_cache_rejects_altered_files_and_disagreeing_engines(tiny_onnx, t
 
 
 def test_pipeline_with_onnxruntime_backend_generates_the_same_answer(pipelines, tmp_path):
+    """An engine read off a pipeline's model (its layers on oneDNN) leaves that model as it was, and a pipeline
+    built with it answers as the torch encoder does."""
     from PIL import Image
 
     from mobilevlm_ros.model import SamplingParams
+    from mobilevlm_ros.model.pipeline import load_checkpoint
 
     vlm = pipelines["MobileVLM_V2-tiny"]
+    layers = [(name, type(m)) for name, m in vlm.model.named_modules()]
     image = Image.open(REFERENCE / "images" / "demo.jpg")
     params = SamplingParams(max_new_tokens=8)
     expected = vlm.ask(image, "What is this?", params)
-    original = vlm.encode_images
-    try:
-        vlm.encode_images = make_visual_encoder("onnxruntime", vlm.model, tmp_path)
-        again = make_visual_encoder("onnxruntime", vlm.model, tmp_path)  # second start: everything cached
-        assert len(list(tmp_path.glob("*.onnx"))) == 2  # the export and ONNX Runtime's optimised model
-        answer = vlm.ask(image, "What is this?", params)
-        assert again.path == vlm.encode_images.path
-    finally:
-        vlm.encode_images = original
-    assert answer.generated_ids == expected.generated_ids
-    with pytest.raises(ValueError):
-        make_visual_encoder("openvino", vlm.model, tmp_path)
+    engine = make_visual_encoder("onnxruntime", vlm.model, tmp_path)
+    assert [(name, type(m)) for name, m in vlm.model.named_modules()] == layers
+    again = make_visual_encoder("onnxruntime", vlm.model, tmp_path)  # second start: everything cached
+    assert len(list(tmp_path.glob("*.onnx"))) == 2  # the export and ONNX Runtime's optimised model
+    assert again.path == engine.path
+    model, tokenizer = load_checkpoint(CHECKPOINTS / "MobileVLM_V2-tiny")
+    with_engine = MobileVLMPipeline(model, tokenizer, vlm.max_seq_len, vlm.fast_paths, engine)
+    assert with_engine.encode_images is engine
+    assert with_engine.ask(image, "What is this?", params).generated_ids == expected.generated_ids
+    for backend in ("torch", "openvino"):  # torch has no engine: the pipeline's own encoder is the torch one
+        with pytest.raises(ValueError):
+            make_visual_encoder(backend, vlm.model, tmp_path)
 
 
 def test_an_engine_releases_the_torch_vision_tower(tmp_path):
@@ -178,17 +184,20 @@ def test_an_engine_releases_the_torch_vision_tower(tmp_path):
 
     from PIL import Image
 
-    from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams
+    from mobilevlm_ros.model import SamplingParams
+    from mobilevlm_ros.model.pipeline import choose_fast_paths, load_checkpoint
     from mobilevlm_ros.model.quantize import weight_bytes
 
-    vlm = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny")
     image = Image.open(REFERENCE / "images" / "demo.jpg")
     params = SamplingParams(max_new_tokens=8)
-    expected = vlm.ask(image, "What is this?", params)
-    tower, projector = weakref.ref(vlm.model.vision_tower), weakref.ref(vlm.model.mm_projector)
-    vision_bytes = weight_bytes(vlm.model.vision_tower) + weight_bytes(vlm.model.mm_projector)
-    before = weight_bytes(vlm.model)
-    vlm.use_visual_engine(make_visual_encoder("onnxruntime", vlm.model, tmp_path))
+    expected = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny").ask(image, "What is this?", params)
+    model, tokenizer = load_checkpoint(CHECKPOINTS / "MobileVLM_V2-tiny")
+    model.llm.setup_cache(2048)  # as the pipeline will (the same length: it keeps it), so bytes below compare weights
+    tower, projector = weakref.ref(model.vision_tower), weakref.ref(model.mm_projector)
+    vision_bytes = weight_bytes(model.vision_tower) + weight_bytes(model.mm_projector)
+    before = weight_bytes(model)
+    engine = make_visual_encoder("onnxruntime", model, tmp_path)
+    vlm = MobileVLMPipeline(model, tokenizer, 2048, choose_fast_paths(), engine)
     gc.collect()
     assert tower() is None and projector() is None
     assert weight_bytes(vlm.model) == before - vision_bytes
@@ -197,32 +206,40 @@ def test_an_engine_releases_the_torch_vision_tower(tmp_path):
         vlm.model.encode_images(vlm.pixel_values(image))
 
 
-def _run_cli(module: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _run_cli(module: str, *args: str, cwd: Path | None = None, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+                          timeout=300, env=None if env is None else {**os.environ, **env})
 
 
 def test_build_engines_cli_onnxruntime_and_ask_backend(pipelines, tmp_path):
-    ckpt = str(CHECKPOINTS / "MobileVLM-tiny-v1")
-    engines = str(tmp_path / "engines")
+    """Both CLIs with their paths given as `~/...` and `$VARS` (quoted, so no shell expanded them): HOME is a temp
+    directory holding a link to the reference checkpoints, the engines go under $ENGINES_ROOT."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "checkpoints").symlink_to(CHECKPOINTS, target_is_directory=True)
+    env = {"HOME": str(home), "ENGINES_ROOT": str(tmp_path), "REFERENCE": str(REFERENCE)}
+    ckpt, engines = "~/checkpoints/MobileVLM-tiny-v1", "$ENGINES_ROOT/engines"
     first = _run_cli("mobilevlm_ros.cli.build_engines", "--model", ckpt, "--backend", "onnxruntime",
-                     "--engines", engines)
+                     "--engines", engines, env=env)
     assert first.returncode == 0, first.stderr
-    built = sorted(p.name for p in Path(engines).iterdir())
+    built = sorted(p.name for p in (tmp_path / "engines").iterdir())
+    assert json.loads(first.stdout)["engines_dir"] == str(tmp_path / "engines")
     second = _run_cli("mobilevlm_ros.cli.build_engines", "--model", ckpt, "--backend", "onnxruntime",
-                      "--engines", engines)
-    assert second.returncode == 0 and sorted(p.name for p in Path(engines).iterdir()) == built
+                      "--engines", engines, env=env)
+    assert second.returncode == 0 and sorted(p.name for p in (tmp_path / "engines").iterdir()) == built
     check = _run_cli("mobilevlm_ros.cli.build_engines", "--check", "--model", ckpt, "--backend", "onnxruntime",
-                     "--engines", engines)
+                     "--engines", engines, env=env)
     assert check.returncode == 0 and json.loads(check.stdout)["match"] is True, check.stderr
     elsewhere = _run_cli("mobilevlm_ros.cli.build_engines", "--check", "--model", ckpt, "--backend", "onnxruntime",
-                         "--engines", str(tmp_path / "empty"))
+                         "--engines", str(tmp_path / "empty"), env=env)
     assert elsewhere.returncode == 1 and json.loads(elsewhere.stdout)["match"] is False
-    run = _run_cli("mobilevlm_ros.cli.ask", "--model", ckpt, "--image", str(REFERENCE / "images" / "demo.jpg"),
+    run = _run_cli("mobilevlm_ros.cli.ask", "--model", ckpt, "--image", "$REFERENCE/images/demo.jpg",
                    "--max-new-tokens", "6", "--json", "--backend", "onnxruntime", "--engines", engines,
-                   "What is this?")
+                   "What is this?", env=env)
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in Path(engines).iterdir()) == built  # the CLI found the engine built above
+    assert sorted(p.name for p in (tmp_path / "engines").iterdir()) == built  # the CLI found the engine built above
+    assert not (home / "$ENGINES_ROOT").exists() and not list(tmp_path.glob("~*"))
     from PIL import Image
 
     from mobilevlm_ros.model import SamplingParams
@@ -250,20 +267,19 @@ def test_tensorrt_self_test():
 
 
 @needs_trt
-def test_tensorrt_engine_matches_torch_and_is_cached(pipelines, tmp_path):
-    model = pipelines["MobileVLM-tiny-v1"].model
-    encoder = make_visual_encoder("tensorrt", model.to("cuda"), tmp_path, max_batch=2)
-    try:
-        x = torch.cat([pixels(s) for s in STEMS[:2]]).cuda()
-        with torch.inference_mode():
-            ref = model.encode_images(x)
-        out = encoder(x)
-        assert (out.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item())
-        assert len(list(tmp_path.glob("*.engine"))) == 1
-        meta = json.loads(next(tmp_path.glob("visual-tensorrt-*.json")).read_text())
-        assert meta["key"]["device_name"] == torch.cuda.get_device_name()
-    finally:
-        model.to("cpu")
+def test_tensorrt_engine_matches_torch_and_is_cached(tmp_path):
+    from mobilevlm_ros.model import load_model
+
+    model, _ = load_model(CHECKPOINTS / "MobileVLM-tiny-v1", device="cuda")
+    encoder = make_visual_encoder("tensorrt", model, tmp_path, max_batch=2)
+    x = torch.cat([pixels(s) for s in STEMS[:2]]).cuda()
+    with torch.inference_mode():
+        ref = model.encode_images(x)
+    out = encoder(x)
+    assert (out.float() - ref).abs().max().item() < 2e-2 * max(1.0, ref.abs().max().item())
+    assert len(list(tmp_path.glob("*.engine"))) == 1
+    meta = json.loads(next(tmp_path.glob("visual-tensorrt-*.json")).read_text())
+    assert meta["key"]["device_name"] == torch.cuda.get_device_name()
 
 
 def _pyright_and_stubs():

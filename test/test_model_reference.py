@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torch import nn
 
 from conftest import CHECKPOINT_NAMES, CHECKPOINTS, REFERENCE, golden_cases
 from mobilevlm_ros.cli.ask import main as ask_main
 from mobilevlm_ros.model import SamplingParams
 from mobilevlm_ros.model.config import MobileVLMConfig, LlamaConfig
+from mobilevlm_ros.model.cpu_linear import OneDNNLinear, available
 from mobilevlm_ros.model.image import preprocess
 from mobilevlm_ros.model.projector import build_projector
 
@@ -38,15 +40,29 @@ def test_pixel_values(stem):
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINT_NAMES)
+def test_pipelines_run_the_nodes_kernels(pipelines, checkpoint):
+    """The goldens below run through the pipeline as the node loads it (onednn=True): on x86 its vision tower,
+    projector and decoder are on oneDNN layers, and images go through the model's torch encoder over them."""
+    vlm = pipelines[checkpoint]
+    assert vlm.encode_images == vlm.model.encode_images
+    if available(torch.float32):
+        assert vlm.fast_paths.onednn_layers
+        for part in (vlm.model.vision_tower, vlm.model.mm_projector, vlm.model.llm):
+            linears = [m for m in part.modules() if isinstance(m, (nn.Linear, OneDNNLinear))]
+            assert linears and all(isinstance(m, OneDNNLinear) for m in linears)
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINT_NAMES)
 @pytest.mark.parametrize("stem", IMAGES)
 def test_vision_features_and_projector(pipelines, checkpoint, stem):
-    model = pipelines[checkpoint].model
+    vlm = pipelines[checkpoint]
+    model = vlm.model
     golden = load_file(REFERENCE / "goldens" / checkpoint / f"vision_{stem}.safetensors")
     pixels = load_file(REFERENCE / "goldens" / "pixel_values" / f"{stem}.safetensors")["pixel_values"]
     with torch.inference_mode():
         features = model.vision_tower(pixels)
         projected = model.mm_projector(features)
-        encoded = model.encode_images(pixels)
+        encoded = vlm.encode_images(pixels)  # the pipeline's vision encoder, the one the node runs
     torch.testing.assert_close(features, golden["vision_features"], atol=ATOL, rtol=0)
     torch.testing.assert_close(projected, golden["projector_output"], atol=ATOL, rtol=0)
     assert torch.equal(encoded, projected)
@@ -87,7 +103,7 @@ def _golden_tensors(checkpoint, case):
 
 @pytest.mark.parametrize("checkpoint,case", CASES, ids=[f"{ck}-{c['case']}" for ck, c in CASES])
 def test_prefill_and_kv_cached_step_logits(pipelines, checkpoint, case):
-    """Teacher-forced through the static cache: prefill logits, then every decode step's logits."""
+    """Teacher-forced through the static cache: prefill logits, then every logit of the pipeline's decode step."""
     vlm = pipelines[checkpoint]
     golden = _golden_tensors(checkpoint, case)
     input_ids = vlm.prompt_ids(case["turns"])
@@ -99,7 +115,7 @@ def test_prefill_and_kv_cached_step_logits(pipelines, checkpoint, case):
         logits = [vlm.model.prefill(embeds)]
         pos = embeds.shape[1]
         for token in case["generated_ids"][:-1]:
-            logits.append(vlm.model.decode_step(torch.tensor([token]), pos))
+            logits.append(vlm.decode_step(torch.tensor([token]), pos))
             pos += 1
     logits = torch.cat(logits)
     torch.testing.assert_close(logits[:1], golden["logits_last"], atol=ATOL, rtol=0)

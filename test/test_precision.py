@@ -30,7 +30,7 @@ def test_half_precision_against_float32(dtype, checkpoint):
             assert embeds.dtype == getattr(torch, dtype)
             logits = [vlm.model.prefill(embeds)]
             for i, token in enumerate(case["generated_ids"][:-1]):
-                logits.append(vlm.model.decode_step(torch.tensor([token]), embeds.shape[1] + i))
+                logits.append(vlm.decode_step(torch.tensor([token]), embeds.shape[1] + i))
         diff = (torch.cat(logits).float() - golden["step_logits"]).abs().max().item()
         assert diff < tol, f"{case['case']}: max logit error {diff:.4f} >= {tol}"
 

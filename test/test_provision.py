@@ -172,6 +172,6 @@ def test_no_engine_to_be_had_falls_back_to_torch(pipelines, tmp_path):
     encode, info = provision_visual_encoder("tensorrt", model, tmp_path, allow_build=True)
     assert info.active == "torch" and info.requested == "tensorrt" and info.fell_back
     assert "CUDA" in info.fallback_reason or "TensorRT" in info.fallback_reason
-    assert encode == model.encode_images
+    assert encode is None  # no engine: the pipeline keeps its torch vision encoder
     with pytest.raises(Exception):
         provision_visual_encoder("tensorrt", model, tmp_path, allow_build=True, fallback=False)

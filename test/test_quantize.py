@@ -12,8 +12,8 @@ from torch import nn
 
 from conftest import CHECKPOINT_NAMES, CHECKPOINTS, REFERENCE, golden_cases
 from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams
-from mobilevlm_ros.model.quantize import (MODES, Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_linear,
-                                          quantize_llm, weight_bytes)
+from mobilevlm_ros.model.quantize import (Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_linear, quantize_llm,
+                                          weight_bytes)
 
 
 def _linear(n=512, k=256, seed=0):
@@ -153,7 +153,3 @@ def test_demo_model_keeps_its_accuracy_quantised():
     result = demo_accuracy(modes=("int8", "int4"), scenes=40)
     for mode, accuracy in result["modes"].items():
         assert min(accuracy.values()) >= 0.9, (mode, accuracy)
-
-
-def test_modes_are_listed():
-    assert MODES == ("int8", "int8-dynamic", "int4")

@@ -11,13 +11,14 @@ import sys
 
 import torch
 
-from ..model.quantize import MODES, logit_agreement, prompt_logits, weight_bytes
+from ..model.quantize import logit_agreement, prompt_logits, weight_bytes
+from ..options import QUANTIZE_MODES
 from .models import random_mobilevlm, real_config
 
 
 @torch.inference_mode()
 def real_shaped_agreement(model: str = "MobileVLM-1.7B", layers: int | None = None, tokens: int = 64,
-                          modes: tuple[str, ...] = MODES, seed: int = 0) -> dict:
+                          modes: tuple[str, ...] = QUANTIZE_MODES, seed: int = 0) -> dict:
     """Feed the same random token sequence through the float32 decoder and each quantised one (the decode path,
     one token at a time through the KV cache) and compare the logits at every position."""
     config = real_config(model, llm_layers=layers)
@@ -50,7 +51,7 @@ def demo_report(scenes: int = 200, seed: int = 20240, **load: object) -> dict[st
             "caption_covers": report.caption_covers / report.scenes}
 
 
-def demo_accuracy(modes: tuple[str, ...] = MODES, scenes: int = 200, seed: int = 20240) -> dict:
+def demo_accuracy(modes: tuple[str, ...] = QUANTIZE_MODES, scenes: int = 200, seed: int = 20240) -> dict:
     """demo_report in float32 and with each quantisation of the decoder."""
     return {"scenes": scenes, "seed": seed,
             "modes": {mode or "float32": demo_report(scenes, seed, quantize=mode) for mode in (None, *modes)}}

@@ -56,7 +56,9 @@ def check_cuda_graph_greedy(max_new_tokens: int = 16) -> list[dict]:
     root = Path(__file__).resolve().parents[2] / "test" / "data" / "reference"
     out = []
     for name in ("MobileVLM-tiny-v1", "MobileVLM_V2-tiny"):
-        vlm = MobileVLMPipeline.load(root / "checkpoints" / name, device="cuda", dtype="float16", max_seq_len=512)
+        # without graphs: vlm.decode_step is the eager step; the graph decoders below are built over its model
+        vlm = MobileVLMPipeline.load(root / "checkpoints" / name, device="cuda", dtype="float16", max_seq_len=512,
+                                     cuda_graphs=False)
         model = vlm.model
         cases = json.loads((root / "goldens" / name / "cases.json").read_text())
         for case in cases:
@@ -76,7 +78,7 @@ def check_cuda_graph_greedy(max_new_tokens: int = 16) -> list[dict]:
                     ids.append(int(token))
                 return ids, torch.cat(logits) if logits else torch.zeros(0)
 
-            eager_ids, _ = run(model.decode_step)
+            eager_ids, _ = run(vlm.decode_step)
             graph = CUDAGraphDecoder(model)
             graph_ids, graph_logits = run(graph)
             bucket = graph.buckets[0]
@@ -112,7 +114,7 @@ def check_pipeline_cuda_graphs() -> list[dict]:
             vlm = MobileVLMPipeline.load(root / "checkpoints" / name, device="cuda", dtype="float16",
                                          cuda_graphs=graphs)
             answers[graphs] = vlm.ask(image, "What is in the image?", SamplingParams(max_new_tokens=24)).generated_ids
-            enabled[graphs] = isinstance(vlm.model.__dict__.get("decode_step"), CUDAGraphDecoder)
+            enabled[graphs] = isinstance(vlm.decode_step, CUDAGraphDecoder)
         out.append({"checkpoint": name, "graph_ids": answers[True], "eager_ids": answers[False],
                     "graphs_enabled": enabled[True] and not enabled[False]})
     return out
@@ -122,6 +124,7 @@ def check_pipeline_cuda_graphs() -> list[dict]:
 def check_visual_backends() -> dict:
     from ..engines import make_visual_encoder, tensorrt_backend
     from ..model import MobileVLMPipeline
+    from ..options import ENGINE_BACKENDS
 
     root = Path(__file__).resolve().parents[2] / "test" / "data" / "reference"
     vlm = MobileVLMPipeline.load(root / "checkpoints" / "MobileVLM-tiny-v1", device="cuda", dtype="float16")
@@ -130,7 +133,7 @@ def check_visual_backends() -> dict:
     out: dict = {}
     import tempfile
 
-    for backend in ("onnxruntime", "tensorrt"):
+    for backend in ENGINE_BACKENDS:
         if backend == "tensorrt" and not tensorrt_backend.available():
             out[backend] = "not installed"
             continue

@@ -70,7 +70,8 @@ def random_mobilevlm(config: MobileVLMConfig, dtype: torch.dtype = torch.float32
     """Build the model on the meta device and materialise one tensor at a time (quantising Linear layers of the
     decoder as they are made), so peak memory stays near the final weights' size. vision=False leaves the vision
     tower and projector on the meta device (decoder-only benchmarks), llm=False the decoder."""
-    from ..model.quantize import quantize_linear, return_freed_memory
+    from ..model.quantize import quantize_linear
+    from ..model.swap import return_freed_memory
 
     with torch.device("meta"):
         model = MobileVLM(config)

@@ -9,31 +9,37 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..model import CheckpointError, MobileVLMPipeline, PromptTooLongError, SamplingParams
-from ..model.quantize import MODES
+from ..model.loader import expand_path
+from ..model.pipeline import choose_fast_paths, load_checkpoint
+from ..options import BACKENDS, DTYPES, QUANTIZE_MODES
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobilevlm-ask", description=__doc__)
     p.add_argument("question", nargs="?", help="the question (omit when --chat is given)")
-    p.add_argument("--model", help="MobileVLM checkpoint directory (default: the bundled demo model)")
-    p.add_argument("--vision-tower", help="CLIP directory, overriding config.json's mm_vision_tower")
-    p.add_argument("--image", required=True, help="image file (JPEG, PNG, ...)")
-    p.add_argument("--chat", help="JSON list of turns: user, assistant, ..., user (the image goes with the first)")
+    # Paths: `~` and `$VARS` are expanded (also where a shell did not, e.g. in quotes or from a launcher).
+    p.add_argument("--model", type=expand_path,
+                   help="MobileVLM checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--vision-tower", type=expand_path,
+                   help="CLIP directory, overriding config.json's mm_vision_tower")
+    p.add_argument("--image", type=expand_path, required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--chat", type=expand_path,
+                   help="JSON list of turns: user, assistant, ..., user (the image goes with the first)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--max-seq-len", type=int, default=2048, help="KV cache length in positions")
-    p.add_argument("--quantize", choices=MODES,
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="CPU weight quantisation of the decoder's Linear layers")
     p.add_argument("--no-onednn", action="store_true",
                    help="keep torch's default (MKL) kernels for the float Linear layers on x86 CPUs instead of oneDNN")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "tensorrt"],
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="vision encoder backend (engines are built once and cached under --engines)")
-    p.add_argument("--engines", default="engines", help="engine cache directory for --backend")
+    p.add_argument("--engines", type=expand_path, default="engines", help="engine cache directory for --backend")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")
     return p
 
@@ -55,6 +61,20 @@ def _turns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[st
         raise SystemExit(f"mobilevlm-ask: {args.chat}: expected a JSON list of strings alternating user and "
                          "assistant, starting and ending with a user turn")
     return turns
+
+
+def _load(args: argparse.Namespace) -> MobileVLMPipeline:
+    """The pipeline as the node builds it (loading.load_pipeline): kernels from the options, then the vision
+    encoder, here an engine that must be had (built under the cache's lock when missing) or the torch one."""
+    from ..engines.provision import provision_visual_encoder
+
+    fast_paths = choose_fast_paths(args.device, args.dtype, args.quantize, not args.no_onednn)
+    model, tokenizer = load_checkpoint(args.model, args.vision_tower, args.device, args.dtype, args.quantize)
+    try:
+        engine, _ = provision_visual_encoder(args.backend, model, args.engines, allow_build=True, fallback=False)
+    except RuntimeError as e:  # backend not installed, engine refused: an error message, not a traceback
+        raise ValueError(f"--backend {args.backend}: {e}") from None
+    return MobileVLMPipeline(model, tokenizer, args.max_seq_len, fast_paths, engine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,17 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mobilevlm-ask: the bundled demo model ({DEFAULT_MODEL_DIR}) is not installed: pass --model",
                   file=sys.stderr)
             return 2
-        args.model = str(DEFAULT_MODEL_DIR)
+        args.model = DEFAULT_MODEL_DIR
     try:
-        vlm = MobileVLMPipeline.load(args.model, args.vision_tower, args.device, args.dtype, args.max_seq_len,
-                                     quantize=args.quantize, onednn=not args.no_onednn)
-        if args.backend != "torch":
-            from ..engines import make_visual_encoder
-
-            try:
-                vlm.use_visual_engine(make_visual_encoder(args.backend, vlm.model, args.engines))
-            except RuntimeError as e:  # backend not installed, engine refused: an error message, not a traceback
-                raise ValueError(f"--backend {args.backend}: {e}") from None
+        vlm = _load(args)
         answer = vlm.ask(image, turns, params,
                          on_text=None if args.json else lambda piece, _: print(piece, end="", flush=True))
     except (CheckpointError, PromptTooLongError, ValueError) as e:

@@ -10,16 +10,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+
+from ..engines.cache import PRECISIONS
+from ..model.loader import expand_path
+from ..options import ENGINE_BACKENDS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mobilevlm-build-engines", description=__doc__)
-    p.add_argument("--model", help="MobileVLM checkpoint directory")
-    p.add_argument("--vision-tower", help="CLIP directory, overriding config.json's mm_vision_tower")
-    p.add_argument("--engines", default="engines", help="engine cache directory (default: ./engines)")
-    p.add_argument("--backend", default="tensorrt", choices=["tensorrt", "onnxruntime"])
-    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"], help="TensorRT precision")
+    # Paths: `~` and `$VARS` are expanded (also where a shell did not, e.g. in quotes or from a launcher).
+    p.add_argument("--model", type=expand_path, help="MobileVLM checkpoint directory")
+    p.add_argument("--vision-tower", type=expand_path,
+                   help="CLIP directory, overriding config.json's mm_vision_tower")
+    p.add_argument("--engines", type=expand_path, default="engines",
+                   help="engine cache directory (default: ./engines)")
+    p.add_argument("--backend", default="tensorrt", choices=ENGINE_BACKENDS)
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="TensorRT precision")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch (cameras per call) the engine accepts")
     p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace limit")
     p.add_argument("--device", default=None, help="cuda (default for tensorrt) or cpu")
@@ -72,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"mobilevlm-build-engines: {e}", file=sys.stderr)
         return 2
-    engines = Path(args.engines)
     if args.onnx_only:
-        path = cached_onnx(VisualEncoder.from_model(model), engines, image_size=model.config.vision.image_size)
+        path = cached_onnx(VisualEncoder.from_model(model), args.engines, image_size=model.config.vision.image_size)
         print(json.dumps({"onnx": str(path)}))
         return 0
     if args.backend == "tensorrt":
@@ -86,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         # Under the engine's build lock, so a node configuring on the same robot never builds it at the same time.
-        encoder, _ = provision_visual_encoder(args.backend, model, engines, allow_build=True,
+        encoder, _ = provision_visual_encoder(args.backend, model, args.engines, allow_build=True,
                                               max_batch=args.max_batch, precision=args.precision, fallback=False,
                                               workspace_bytes=args.workspace_mib << 20)
     except EngineRejected as e:
         print(f"mobilevlm-build-engines: {e}", file=sys.stderr)
         return 3
     print(json.dumps({"backend": args.backend, "engine": str(getattr(encoder, "path", "")) or None,
-                      "engines_dir": str(engines)}))
+                      "engines_dir": str(args.engines)}))
     return 0
 
 

@@ -1,8 +1,9 @@
-"""Visual-encoder backends: plain PyTorch, ONNX Runtime, TensorRT.
+"""Visual-encoder engines: ONNX Runtime, TensorRT (the torch backend is the model's own vision tower).
 
 ``make_visual_encoder(backend, model)`` returns a callable ``pixel_values [B, 3, S, S] -> visual tokens [B, 144, H]``
-for ``MobileVLMPipeline.encode_images``. The ONNX export and the built engines are cached under ``engines_dir``
-(see engines/README.md); nothing is re-exported or rebuilt unless the weights, runtime, GPU or precision change.
+for ``MobileVLMPipeline(..., engine=...)``; it reads the model and does not change it. The ONNX export and the built
+engines are cached under ``engines_dir`` (see engines/README.md); nothing is re-exported or rebuilt unless the
+weights, runtime, GPU or precision change.
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..model.cpu_linear import plain_copy
+from ..options import ENGINE_BACKENDS
 from .cache import EngineCache, EngineKey, EngineRejected, file_sha256, relative_error
 from .visual import VisualEncoder, cached_onnx, export_onnx
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DEFAULT_ENGINES_DIR = Path("engines")
 FP16_TOLERANCE = 2e-2  # relative max error of a float16 engine against float32 PyTorch
 FP32_TOLERANCE = 1e-4
 
-__all__ = ["BACKENDS", "EngineCache", "EngineKey", "EngineRejected", "VisualEncoder", "cached_onnx", "export_onnx",
+__all__ = ["EngineCache", "EngineKey", "EngineRejected", "VisualEncoder", "cached_onnx", "export_onnx",
            "file_sha256", "make_visual_encoder", "reference_validator", "relative_error"]
 
 
@@ -37,18 +39,17 @@ def random_pixels(batch: int, image_size: int = 336, seed: int = 0) -> Tensor:
 
 def reference_validator(encoder: torch.nn.Module, batch: int = 2, image_size: int = 336,
                         ref_device: torch.device | str = "cpu") -> Callable[[Callable[[Tensor], Tensor]], float]:
-    """A function engine -> relative error of engine(x) against the float32 PyTorch encoder on a random batch."""
+    """A function engine -> relative error of engine(x) against the float32 PyTorch encoder on a random batch.
+    The reference runs on a float32 copy of encoder (encoder is left as it is), once, when the first engine is
+    validated: loading an engine from the cache validates nothing and pays nothing."""
     x = random_pixels(batch, image_size)
-    params = list(encoder.parameters())
-    restore = (params[0].device, params[0].dtype) if params else None
-    with torch.inference_mode():
-        ref = encoder.to(ref_device, torch.float32)(x.to(ref_device)).cpu()
-    if restore is not None:
-        encoder.to(*restore)
+    reference: list[Tensor] = []
 
     def validate(engine: Callable[[Tensor], Tensor]) -> float:
         with torch.inference_mode():
-            return relative_error(engine(x), ref)
+            if not reference:  # the copy is gone again before the engine runs
+                reference.append(plain_copy(encoder).to(ref_device, torch.float32)(x.to(ref_device)).cpu())
+            return relative_error(engine(x), reference[0])
 
     return validate
 
@@ -56,14 +57,13 @@ def reference_validator(encoder: torch.nn.Module, batch: int = 2, image_size: in
 def make_visual_encoder(backend: str, model: torch.nn.Module, engines_dir: str | Path = DEFAULT_ENGINES_DIR,
                         max_batch: int = 4, precision: str = "fp16",
                         workspace_bytes: int | None = None) -> Callable[[Tensor], Tensor]:
-    """The visual encoder of a loaded MobileVLM on the given backend (exported/built and cached on first use).
+    """The visual encoder of a loaded MobileVLM as an engine of the given backend (options.ENGINE_BACKENDS;
+    exported/built and cached on first use). The model is read, not changed.
 
     Outputs come back in the decoder's dtype on the decoder's device, ready for ``embed_prompt``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend == "torch":
-        return model.encode_images
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"backend {backend!r} has no engine (choose from {', '.join(ENGINE_BACKENDS)})")
     weight = model.llm.embed_tokens.weight
     device, out_dtype = weight.device, weight.dtype
     encoder = VisualEncoder.from_model(model)

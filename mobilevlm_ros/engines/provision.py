@@ -7,8 +7,9 @@ and :func:`make_visual_encoder`; nothing here changes how an engine is exported,
   (two nodes, or a node and ``mobilevlm-build-engines``) never build the same engine at once: the second waits,
   then finds the first one's engine in the cache and only loads it. The lock file is left in place (removing it
   would let a third process lock a different inode).
-- :func:`provision_visual_encoder`: what the node calls at configure. Reuses a cached engine, builds a missing one
-  when allowed (under the lock), and otherwise falls back to the torch vision path, saying why.
+- :func:`provision_visual_encoder`: what the node (loading.load_pipeline) and ``mobilevlm-ask --backend`` call
+  before building the pipeline. Reuses a cached engine, builds a missing one when allowed (under the lock), and
+  otherwise falls back to the torch vision path, saying why. It reads the model and never changes it.
 - :func:`check_engines` / ``mobilevlm-build-engines --check``: does the cache hold an engine for this model on this
   device (runtime version, GPU, precision, ONNX hash)? Exports and builds nothing.
 """
@@ -26,10 +27,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..options import ENGINE_BACKENDS
+from .cache import PRECISIONS
+
 LOCK_SUFFIX = ".lock"
 # The file suffixes the backends give EngineCache (engines/onnxrt.py: ".ort.onnx"; TensorRT: the default ".engine").
-ENGINE_SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".engine"}
-ENGINE_BACKENDS = tuple(ENGINE_SUFFIX)
+ENGINE_SUFFIX = dict(zip(ENGINE_BACKENDS, (".ort.onnx", ".engine")))
 
 
 class EngineUnavailable(RuntimeError):
@@ -130,14 +133,16 @@ def provision_visual_encoder(backend: str, model, engines_dir: Path | str, *, al
                              max_batch: int = 4, precision: str = "fp16", fallback: bool = True,
                              lock_timeout_s: float | None = 1800.0, workspace_bytes: int | None = None,
                              log: Callable[[str], None] = lambda _: None):
-    """(encode_images callable, VisionBackend) for model on backend, with engines from engines_dir.
+    """(engine, VisionBackend) for model on backend, with engines from engines_dir: the engine to build the
+    pipeline with (``MobileVLMPipeline(..., engine=engine)``), or None where the torch vision path serves.
 
     An engine in the cache for this exact key is loaded. A missing one is exported and built only when
     allow_build, under the engine's lock. When no engine can be had (not allowed, runtime missing, build failed
-    or refused) the torch vision path is returned with the reason, or the error raised when fallback is False.
+    or refused) None is returned with the reason, or the error raised when fallback is False. The model is read,
+    never changed.
     """
     if backend == "torch":
-        return model.encode_images, VisionBackend("torch", "torch")
+        return None, VisionBackend("torch", "torch")
     try:
         return _provision(backend, model, Path(engines_dir), allow_build, max_batch, precision, lock_timeout_s,
                           workspace_bytes, log)
@@ -146,7 +151,7 @@ def provision_visual_encoder(backend: str, model, engines_dir: Path | str, *, al
             raise
         reason = str(e) if isinstance(e, EngineUnavailable) else f"{type(e).__name__}: {e}"
         log(f"vision backend {backend} unavailable, falling back to torch: {reason}")
-        return model.encode_images, VisionBackend(backend, "torch", fallback_reason=reason)
+        return None, VisionBackend(backend, "torch", fallback_reason=reason)
 
 
 def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precision, lock_timeout_s,
@@ -226,6 +231,7 @@ def check_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import CheckpointError, load_model
+    from ..model.loader import expand_path
 
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -235,7 +241,7 @@ def check_command(args: argparse.Namespace) -> int:
         # Loaded exactly as the build loads it, so the export digest (and with it the ONNX hash) is the same.
         model, _ = load_model(args.model, args.vision_tower, device,
                               "float16" if device.startswith("cuda") else "float32")
-        report = check_engines(args.backend, model, args.engines, args.precision, args.max_batch)
+        report = check_engines(args.backend, model, expand_path(args.engines), args.precision, args.max_batch)
     except (CheckpointError, RuntimeError, ValueError) as e:
         print(f"mobilevlm-build-engines --check: {e}", file=sys.stderr)
         return 2
@@ -252,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-tower")
     p.add_argument("--engines", default="engines")
     p.add_argument("--backend", default="tensorrt", choices=list(ENGINE_BACKENDS))
-    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"])
+    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--device", default=None)
     return p

@@ -6,7 +6,6 @@ several cameras can share one call.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..model.cpu_linear import use_plain_linears
+from ..model.cpu_linear import plain_copy
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "visual_tokens"
@@ -35,10 +34,11 @@ class VisualEncoder(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module) -> VisualEncoder:
-        """The model's own modules. Layers the pipeline moved to oneDNN (model/cpu_linear.py) are swapped back to
-        nn.Linear in place, bit for bit: the export and the weights digest read plain layers."""
-        use_plain_linears(model.vision_tower)
-        use_plain_linears(model.mm_projector)
+        """The model's own vision tower and projector, shared, not copied: whatever reads this encoder (the
+        digest, the export, a validator) reads the model, and none of them changes it. Layers the pipeline laid
+        out for oneDNN (model/cpu_linear.py) stay so; the digest and the export read their plain weights."""
+        if model.vision_tower is None:
+            raise ValueError("this model's vision tower was released: nothing left to export")
         return cls(model.vision_tower, model.mm_projector)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
@@ -53,7 +53,8 @@ def weights_digest(module: nn.Module, extra: dict | None = None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"format": EXPORT_FORMAT, "opset": OPSET, **(extra or {})}, sort_keys=True).encode())
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        # a oneDNN layer's reordered weight (model/cpu_linear.py) is read as its plain layout, one tensor at a time
+        t = (tensor.to_dense() if tensor.is_mkldnn else tensor).detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{list(t.shape)};".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()
@@ -64,7 +65,7 @@ def export_onnx(encoder: nn.Module, path: str | Path, image_size: int = 336, ops
     never leaves a half file that looks valid. Models over 2 GB keep their weights in ``<path>.data``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = copy.deepcopy(encoder).to("cpu", torch.float32).eval()
+    module = plain_copy(encoder).to("cpu", torch.float32).eval()  # a copy: the encoder itself is left as it is
     dummy = torch.zeros(1, 3, image_size, image_size)
     big = sum(p.numel() for p in module.parameters()) * 4 > 1.8e9
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent, prefix=".export-")

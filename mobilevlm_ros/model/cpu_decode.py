@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .llama import DecoderLayer
+from .mobilevlm import MobileVLM
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,22 @@ def one_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (scores.softmax(dim=-2) * v.float()).sum(-2, keepdim=True).to(q.dtype)
 
 
-# The whole residual block of a one-token step as one compiled graph: norms, RoPE, the cache write and the
-# products above fused, one call instead of dozens (every layer shares the graph; the weights are its inputs).
-one_token_block = torch.compile(DecoderLayer.block, dynamic=True)
+def _one_token_layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int,
+                     mask_cache: bool) -> Tensor:
+    return layer.forward(x, cos, sin, input_pos, kv_len, mask_cache, attend_one_query=one_query_attention)
+
+
+# A decoder layer's whole one-token step as one compiled graph: norms, RoPE, the cache write, the attention and the
+# products (cpu_linear's layers call one_row_linear) fused, one call instead of dozens (every layer shares the
+# graph; the weights are its inputs).
+one_token_layer = torch.compile(_one_token_layer, dynamic=True)
+
+
+def compiled_decode_step(model: MobileVLM) -> Callable[[Tensor, int], Tensor]:
+    """model.decode_step with every layer run through one_token_layer. Its decoder's float Linear layers should
+    be cpu_linear's, built with one_row_linear (cpu_linear.use_onednn_in_mobilevlm): plain nn.Linear layers
+    would compile to MKL's products, the slow ones this module exists to avoid."""
+    return functools.partial(model.decode_step, run_layer=one_token_layer)
 
 
 @functools.cache

@@ -12,8 +12,8 @@ through ``torch.compile``, as gpt-fast does: Inductor fuses the many small eleme
 SiLU x up, residual adds) into a few Triton kernels (and with max-autotune picks the matmul kernels by timing them),
 and the graph replays those. It costs a compilation per bucket at the first request.
 
-Use: ``enable_cuda_graphs(model)`` after ``model.llm.setup_cache(...)``; ``generate`` then runs unchanged. Prefill
-stays eager (its length varies per prompt).
+Use: ``CUDAGraphDecoder(model)`` after ``model.llm.setup_cache(...)`` is a decode step like ``model.decode_step``;
+MobileVLMPipeline runs it (pipeline.choose_fast_paths). Prefill stays eager (its length varies per prompt).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def buckets_for(max_seq_len: int, smallest: int = 256) -> list[int]:
 
 
 class CUDAGraphDecoder:
-    """Drop-in for ``MobileVLM.decode_step(token [1], pos) -> logits [1, V]``."""
+    """A decode step with ``MobileVLM.decode_step``'s signature: ``(token [1], pos) -> logits [1, V]``."""
 
     def __init__(self, model: MobileVLM, warmup: int = 2, smallest_bucket: int = 256,
                  compile_mode: str | None = None):
@@ -91,13 +91,6 @@ class CUDAGraphDecoder:
             self._capture(bucket)
         self.graphs[bucket].replay()
         return self.outputs[bucket].clone()  # the static output is overwritten by the next replay
-
-
-def enable_cuda_graphs(model: MobileVLM, **kwargs) -> CUDAGraphDecoder:
-    """Route model.decode_step through CUDA graphs; returns the decoder (``del model.decode_step`` undoes it)."""
-    decoder = CUDAGraphDecoder(model, **kwargs)
-    model.decode_step = decoder  # an instance attribute shadows the method
-    return decoder
 
 
 @torch.inference_mode()

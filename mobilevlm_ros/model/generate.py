@@ -96,13 +96,17 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+DecodeStep = Callable[[Tensor, int], Tensor]  # (token [1], position) -> logits [1, V], as MobileVLM.decode_step
+
+
 @torch.inference_mode()
-def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: SamplingParams,
-             on_text: Callable[[str, int], None] | None = None,
+def generate(model: MobileVLM, decode_step: DecodeStep, tokenizer: Tokenizer, embeds: Tensor,
+             params: SamplingParams, on_text: Callable[[str, int], None] | None = None,
              cancelled: Callable[[], bool] | None = None) -> Generation:
-    """Generate from prompt embeddings [1, T, H]. on_text gets each new stable piece of the answer and the number
-    of tokens generated so far;
-    cancelled is polled between tokens, so a cancel takes effect within one token."""
+    """Generate from prompt embeddings [1, T, H]: model.prefill, then decode_step for each further token.
+    on_text gets each new stable piece of the answer and the number of tokens generated so far; cancelled is
+    polled after the prefill (a cancel that came during it returns no tokens) and between tokens, so a cancel
+    takes effect within one token."""
     device = embeds.device
     generator = None
     if params.seed is not None:
@@ -111,6 +115,8 @@ def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: Sam
     pos = embeds.shape[1]
     token = sample(model.prefill(embeds), params, generator)
     first = _now(device)
+    if cancelled is not None and cancelled():
+        return Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=(first - start) * 1e3, decode_ms=0.0)
     ids: list[int] = []
     streamed = ""
     stopped_by = "max_new_tokens"
@@ -130,7 +136,7 @@ def generate(model: MobileVLM, tokenizer: Tokenizer, embeds: Tensor, params: Sam
         if cancelled is not None and cancelled():
             stopped_by = "cancelled"
             break
-        token = sample(model.decode_step(token, pos), params, generator)
+        token = sample(decode_step(token, pos), params, generator)
         pos += 1
     end = _now(device)
     text = finish_text(tokenizer.decode(ids))

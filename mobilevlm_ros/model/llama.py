@@ -14,6 +14,8 @@ from torch import Tensor, nn
 
 from .config import LlamaConfig
 
+AttendOneQuery = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [B, H, 1, D], k, v [B, H, S, D]) -> [B, H, 1, D]
+
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, max_seq_len: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -69,11 +71,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.kv_cache: KVCache | None = None
-        # One new token over the cache; cpu_linear sets a compiled kernel for float decoders on x86 CPUs.
-        self.attend_one_query = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
-                mask_cache: bool = False) -> Tensor:
+                mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention
+                ) -> Tensor:
+        """attend_one_query(q, k, v): one new token over the filled cache, unmasked (cpu_decode.py passes a
+        compiled kernel for its decode steps)."""
         b, t, d = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -88,7 +91,7 @@ class Attention(nn.Module):
         if self.kv_cache is None:  # training: the sequence attends causally to itself, nothing is kept
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif t == 1 and not mask_cache:  # one new token sees the whole filled prefix: no mask needed
-            y = self.attend_one_query(q, k, v)
+            y = attend_one_query(q, k, v)
         else:
             mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -114,20 +117,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-        # When set, one-token steps run through this compiled copy of block (cpu_linear sets it for float decoders
-        # on x86 CPUs: fused, its small ops stop costing a call each).
-        self.compiled_one_token_block: Callable[..., Tensor] | None = None
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
-                mask_cache: bool = False) -> Tensor:
-        if self.compiled_one_token_block is not None and x.shape[1] == 1 and not mask_cache:
-            return self.compiled_one_token_block(self, x, cos, sin, input_pos, kv_len)
-        return self.block(x, cos, sin, input_pos, kv_len, mask_cache)
-
-    def block(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
-              mask_cache: bool = False) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache)
+                mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention
+                ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache, attend_one_query)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+RunLayer = Callable[..., Tensor]  # (layer, x, cos, sin, input_pos, kv_len, mask_cache) -> x
 
 
 class MobileLlama(nn.Module):
@@ -154,18 +151,24 @@ class MobileLlama(nn.Module):
         self.register_buffer("rope_sin", sin.to(weight.device, weight.dtype), persistent=False)
         self.max_seq_len = max_seq_len
 
-    def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int, mask_cache: bool = False) -> Tensor:
+    def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int, mask_cache: bool = False,
+                run_layer: RunLayer | None = None) -> Tensor:
         """embeds [B, T, D] at positions input_pos [T]; kv_len = positions filled after this call.
 
         Returns the logits of the last position only [B, V]: generation never needs the others.
         mask_cache=True attends over the first kv_len cache positions with a mask (cache position <= input_pos)
         instead of relying on kv_len being exact, so kv_len may be any fixed bound: the shapes then no longer
         change from step to step, which a CUDA graph needs (see cuda_graph.py).
+        run_layer(layer, x, cos, sin, input_pos, kv_len, mask_cache), when given, runs each decoder layer instead
+        of calling it (cpu_decode.py passes a compiled one for its decode steps).
         """
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len, mask_cache)
+            if run_layer is None:
+                x = layer(x, cos, sin, input_pos, kv_len, mask_cache)
+            else:
+                x = run_layer(layer, x, cos, sin, input_pos, kv_len, mask_cache)
         return self.lm_head(self.norm(x[:, -1]))
 
     def forward_all(self, embeds: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ embedded in the checkpoint; all others reload it from the CLIP directory named b
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from ..options import DTYPES
 from .config import MobileVLMConfig, read_clip_vision_config, read_mobilevlm_config
 from .errors import CheckpointError
 from .mobilevlm import MobileVLM
 from .tokenizer import Tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 EMBEDDED_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 CLIP_DIR_VISION_PREFIX = "vision_model."
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -29,6 +31,11 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _IGNORED_VISION = re.compile(r"^(post_layernorm\.|embeddings\.position_ids$)")
 _IGNORED_LLM = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _VISION_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
+
+
+def expand_path(path: str | Path) -> Path:
+    """``~`` and ``$VARS`` in path expanded, as a shell would."""
+    return Path(os.path.expanduser(os.path.expandvars(str(path))))
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -118,10 +125,11 @@ def _vision_name(rest: str, config: MobileVLMConfig) -> str | None:
 
 def load_model(model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
                dtype: str | torch.dtype = "float32") -> tuple[MobileVLM, Tokenizer]:
-    model_dir = Path(model_dir)
+    """The checkpoint in model_dir (``~`` and ``$VARS`` in it and in vision_tower expanded) and its tokenizer."""
+    model_dir = expand_path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(model_dir, "model directory not found")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    torch_dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype
     config = read_mobilevlm_config(model_dir / "config.json")
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     # The reference adds an <im_patch> token (and embedding row) unless mm_use_im_patch_token is false.
@@ -129,7 +137,7 @@ def load_model(model_dir: str | Path, vision_tower: str | Path | None = None, de
     config = replace(config, llama=replace(config.llama, vocab_size=vocab))
 
     embedded_vision = "v2" in config.projector_type
-    clip_dir = find_vision_tower_dir(model_dir, config.mm_vision_tower, vision_tower)
+    clip_dir = find_vision_tower_dir(model_dir, config.mm_vision_tower, vision_tower and expand_path(vision_tower))
     if clip_dir is not None:
         config = replace(config, vision=read_clip_vision_config(clip_dir / "config.json"))
     elif not embedded_vision:

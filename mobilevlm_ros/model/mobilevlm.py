@@ -6,9 +6,9 @@ from torch import Tensor, nn
 
 from .clip import CLIPVisionTower
 from .config import MobileVLMConfig
-from .llama import MobileLlama
+from .llama import MobileLlama, RunLayer
 from .projector import build_projector
-from .quantize import return_freed_memory
+from .swap import return_freed_memory
 
 IMAGE_TOKEN_INDEX = -200  # the reference's sentinel id for "the image goes here"
 
@@ -66,7 +66,8 @@ class MobileVLM(nn.Module):
         t = embeds.shape[1]
         return self.llm(embeds, torch.arange(t, device=embeds.device), t)
 
-    def decode_step(self, token: Tensor, pos: int) -> Tensor:
-        """One new token [1] at position pos, attending over the cache; returns logits [1, V]."""
+    def decode_step(self, token: Tensor, pos: int, run_layer: RunLayer | None = None) -> Tensor:
+        """One new token [1] at position pos, attending over the cache; returns logits [1, V]. run_layer: see
+        MobileLlama.forward."""
         input_pos = torch.tensor([pos], device=token.device)
-        return self.llm(self.llm.embed_tokens(token)[None], input_pos, pos + 1)
+        return self.llm(self.llm.embed_tokens(token)[None], input_pos, pos + 1, run_layer=run_layer)

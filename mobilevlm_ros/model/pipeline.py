@@ -1,4 +1,11 @@
-"""Image + question in, answer out: the one object the CLI and the ROS node hold."""
+"""Image + question in, answer out: the one object the CLI and the ROS node hold.
+
+What runs is decided once, when the pipeline is built, and nothing is patched in afterwards. choose_fast_paths
+turns the load options (device, dtype, quantize, onednn, cuda_graphs, compile_mode) into FastPaths; the pipeline
+applies them: the layout of the float Linear layers and the one decode step it calls (``self.decode_step``). Its one
+vision encoder (``self.encode_images``) is the model's torch vision tower and projector, or the engine it was built
+with (engines.provision_visual_encoder picks one for a backend, reading the model without changing it).
+"""
 from __future__ import annotations
 
 import time
@@ -9,17 +16,109 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
 
-from .cpu_linear import use_onednn_in_mobilevlm
-from .cuda_graph import enable_cuda_graphs
+from ..options import COMPILE_MODES, DTYPES, QUANTIZE_MODES
+from .cpu_linear import available as onednn_available, use_onednn_in_mobilevlm
+from .cuda_graph import CUDAGraphDecoder
 from .errors import PromptTooLongError
-from .generate import SamplingParams, generate
+from .generate import DecodeStep, Generation, SamplingParams, generate
 from .image import preprocess
-from .loader import load_model
+from .loader import TORCH_DTYPES, load_model
 from .mobilevlm import MobileVLM
 from .prompt import build_prompt, tokenize_with_image
 from .quantize import quantize_llm
 from .tokenizer import Tokenizer
+
+# eager: MobileVLM.decode_step as written; cuda_graphs: replayed from CUDA graphs (cuda_graph.py); cpu_compiled:
+# through the kernels torch.compile builds for x86 CPUs (cpu_decode.py).
+DECODE_STEPS = ("eager", "cuda_graphs", "cpu_compiled")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The kernels a pipeline runs, chosen by choose_fast_paths."""
+
+    onednn_layers: bool  # the float Linear layers on oneDNN (cpu_linear.py)
+    decode_step: str  # one of DECODE_STEPS
+    compile_mode: str | None = None  # cuda_graphs: the torch.compile mode that fuses the step first
+
+
+EAGER = FastPaths(onednn_layers=False, decode_step="eager")
+
+
+def choose_fast_paths(device: str = "cpu", dtype: str = "float32", quantize: str | None = None, onednn: bool = True,
+                      cuda_graphs: bool = True, compile_mode: str | None = None) -> FastPaths:
+    """The kernels a pipeline loaded with these options runs; ValueError for options that cannot run here.
+
+    - CUDA: decode steps replayed from CUDA graphs when cuda_graphs (fused by torch.compile first when compile_mode
+      is given), else eager.
+    - CPU with onednn, on x86 where oneDNN has a kernel for dtype: the float Linear layers on oneDNN; decode steps
+      through the kernels torch.compile builds unless the decoder is quantised (its layers are not float) or
+      torch.compile cannot build CPU kernels here.
+    - Otherwise torch's own kernels, eagerly.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if quantize and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize {quantize!r}: expected one of {', '.join(QUANTIZE_MODES)}")
+    if (compile_mode or "") not in COMPILE_MODES:
+        raise ValueError(f"compile_mode {compile_mode!r}: expected one of {', '.join(map(repr, COMPILE_MODES))}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if quantize and device != "cpu":
+        raise ValueError(f"quantize {quantize!r}: the int8/int4 kernels are CPU kernels (device is {device!r})")
+    if device.startswith("cuda"):
+        return FastPaths(False, "cuda_graphs", compile_mode or None) if cuda_graphs else EAGER
+    if not (onednn and device == "cpu" and onednn_available(TORCH_DTYPES[dtype])):
+        return EAGER
+    if quantize:
+        return FastPaths(True, "eager")
+    # Imported only here: torch.compile's import (dynamo, inductor) adds about 3 s to every start, which
+    # pipelines that do not compile (the GPU, --no-onednn, quantised decoders) should not pay.
+    from . import cpu_decode
+
+    return FastPaths(True, "cpu_compiled" if cpu_decode.available() else "eager")
+
+
+VisionEncoder = Callable[[Tensor], Tensor]  # pixel_values [B, 3, S, S] -> visual tokens [B, 144, H]
+
+
+def apply_fast_paths(model: MobileVLM, fast_paths: FastPaths, max_seq_len: int,
+                     engine: VisionEncoder | None = None) -> tuple[VisionEncoder, DecodeStep]:
+    """Lay model out for fast_paths and return the one vision encoder and the one decode step that run it.
+
+    engine: encodes the images instead of the torch vision tower and projector, which are then freed (nothing
+    else reads them). The float Linear layers go to oneDNN when fast_paths say so (the decoder's keep their plain
+    weights for the compiled one-row product when decode steps are compiled); the KV cache is allocated for
+    max_seq_len positions (the decoder's limit caps it). Model is taken over: run it through what this returns.
+    """
+    if engine is not None:
+        model.release_vision()
+    one_row_product = None
+    if fast_paths.decode_step == "cpu_compiled":
+        from . import cpu_decode  # imported late: see choose_fast_paths
+
+        one_row_product = cpu_decode.one_row_linear
+    if fast_paths.onednn_layers:
+        use_onednn_in_mobilevlm(model, one_row_product)
+    model.llm.setup_cache(max_seq_len)
+    decode_step: DecodeStep = model.decode_step
+    if fast_paths.decode_step == "cuda_graphs":
+        decode_step = CUDAGraphDecoder(model, compile_mode=fast_paths.compile_mode)
+    elif fast_paths.decode_step == "cpu_compiled":
+        decode_step = cpu_decode.compiled_decode_step(model)
+    return (model.encode_images if engine is None else engine), decode_step
+
+
+def load_checkpoint(model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
+                    dtype: str = "float32", quantize: str | None = None) -> tuple[MobileVLM, Tokenizer]:
+    """The checkpoint read (loader.load_model) with its decoder quantised when asked: what a pipeline is built
+    from. Engines are provisioned from this model, before the pipeline lays its layers out."""
+    model, tokenizer = load_model(model_dir, vision_tower, device, dtype)
+    if quantize:
+        quantize_llm(model.llm, quantize)
+    return model, tokenizer
 
 
 @dataclass
@@ -32,53 +131,38 @@ class Answer:
 
 
 class MobileVLMPipeline:
-    def __init__(self, model: MobileVLM, tokenizer: Tokenizer, max_seq_len: int = 2048, cuda_graphs: bool = True,
-                 compile_mode: str | None = None):
-        """cuda_graphs: on a CUDA device, replay each decode step from a CUDA graph (cuda_graph.py), its kernels
-        fused by torch.compile first when compile_mode is given; both are ignored on the CPU."""
+    def __init__(self, model: MobileVLM, tokenizer: Tokenizer, max_seq_len: int = 2048,
+                 fast_paths: FastPaths = EAGER, engine: VisionEncoder | None = None):
+        """Takes the model over (apply_fast_paths): from here on images are encoded by ``self.encode_images`` and
+        tokens decoded by ``self.decode_step``, both fixed now."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
+        self.fast_paths = fast_paths
         self.device = model.llm.embed_tokens.weight.device  # lm_head may be quantised (quantize.py)
-        model.llm.setup_cache(max_seq_len)
+        self.encode_images, self.decode_step = apply_fast_paths(model, fast_paths, max_seq_len, engine)
         self.max_seq_len = model.llm.max_seq_len
-        if cuda_graphs and self.device.type == "cuda":
-            enable_cuda_graphs(model, compile_mode=compile_mode)
-        if model.llm.layers[0].compiled_one_token_block is not None:
+        if fast_paths.decode_step == "cpu_compiled":
             self.compile_one_token_step()
-        # Any callable pixel_values -> visual tokens; the ONNX Runtime and TensorRT engines plug in here.
-        self.encode_images: Callable[[torch.Tensor], torch.Tensor] = model.encode_images
-
-    def use_visual_engine(self, encode: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Encode images with an engine (engines.make_visual_encoder) from now on, and free the torch vision tower
-        and projector it replaces (nothing else reads them once the engine is built and validated)."""
-        self.encode_images = encode
-        self.model.release_vision()
 
     @torch.inference_mode()
     def compile_one_token_step(self) -> None:
         """Build the compiled kernels of a CPU decode step (cpu_decode.py) now rather than in the first request:
         one step at position 1 (kv_len 2, so the compiled shapes stay dynamic), which the next prefill
         overwrites."""
-        self.model.decode_step(torch.zeros(1, dtype=torch.long, device=self.device), 1)
+        self.decode_step(torch.zeros(1, dtype=torch.long, device=self.device), 1)
 
     @classmethod
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
              dtype: str = "float32", max_seq_len: int = 2048, cuda_graphs: bool = True,
              compile_mode: str | None = None, quantize: str | None = None, onednn: bool = True
              ) -> MobileVLMPipeline:
-        """quantize: None, or a CPU weight quantisation of the decoder's Linear layers (quantize.MODES).
-        onednn: on an x86 CPU, run the float Linear layers through oneDNN rather than MKL (cpu_linear.py)."""
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        if quantize and device != "cpu":
-            raise ValueError(f"quantize {quantize!r}: the int8/int4 kernels are CPU kernels (device is {device!r})")
-        model, tokenizer = load_model(model_dir, vision_tower, device, dtype)
-        if quantize:
-            quantize_llm(model.llm, quantize)
-        if onednn:
-            use_onednn_in_mobilevlm(model)
-        return cls(model, tokenizer, max_seq_len, cuda_graphs, compile_mode)
+        """A pipeline on the torch vision encoder (loading.load_pipeline adds engines). model_dir, vision_tower:
+        ``~`` and ``$VARS`` are expanded. quantize: None or a CPU weight quantisation of the decoder's Linear
+        layers (options.QUANTIZE_MODES). onednn, cuda_graphs, compile_mode: see choose_fast_paths."""
+        fast_paths = choose_fast_paths(device, dtype, quantize, onednn, cuda_graphs, compile_mode)
+        model, tokenizer = load_checkpoint(model_dir, vision_tower, device, dtype, quantize)
+        return cls(model, tokenizer, max_seq_len, fast_paths)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:
         return tokenize_with_image(build_prompt([turns] if isinstance(turns, str) else list(turns)), self.tokenizer)
@@ -90,7 +174,7 @@ class MobileVLMPipeline:
         if needed > self.max_seq_len:
             raise PromptTooLongError(needed, self.max_seq_len)
 
-    def pixel_values(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+    def pixel_values(self, image: Image.Image | np.ndarray) -> Tensor:
         return preprocess(image, self.config.vision.image_size, pad=self.config.image_aspect_ratio == "pad")
 
     @torch.inference_mode()
@@ -98,7 +182,9 @@ class MobileVLMPipeline:
             params: SamplingParams = SamplingParams(),
             on_text: Callable[[str, int], None] | None = None,
             cancelled: Callable[[], bool] | None = None) -> Answer:
-        """Answer the last user turn about the image. turns: one question, or user/assistant/.../user texts."""
+        """Answer the last user turn about the image. turns: one question, or user/assistant/.../user texts.
+        cancelled is polled after the vision encode, after the prefill and between tokens: a cancel during the
+        encode or the prefill returns no tokens, a later one stops within one token (stopped_by "cancelled")."""
         params.validate()
         start = time.perf_counter()
         input_ids = self.prompt_ids(turns)
@@ -111,9 +197,12 @@ class MobileVLMPipeline:
         encoded = time.perf_counter()
         embeds = self.model.embed_prompt(input_ids, image_tokens)
         embedded = time.perf_counter()
-        out = generate(self.model, self.tokenizer, embeds, params, on_text, cancelled)
+        if cancelled is not None and cancelled():
+            out = Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=0.0, decode_ms=0.0)
+        else:
+            out = generate(self.model, self.decode_step, self.tokenizer, embeds, params, on_text, cancelled)
         total_ms = (time.perf_counter() - start) * 1e3
-        decode_tokens = len(out.ids) - 1  # the first token comes out of the prefill
+        decode_tokens = max(len(out.ids) - 1, 0)  # the first token comes out of the prefill
         timings = {
             "preprocess_ms": (preprocessed - start) * 1e3,
             "vision_ms": (encoded - preprocessed) * 1e3,

@@ -14,15 +14,12 @@ so quantising never needs a second full copy of the model. Accuracy is measured 
 """
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MODES = ("int8", "int8-dynamic", "int4")
-BITS = {"int8": 8, "int8-dynamic": 8, "int4": 4}
+from ..options import QUANTIZE_MODES
+from .swap import replace_modules
 
 
 CHUNK_ROWS = 2048  # quantise this many output rows at a time: temporaries stay small next to the weight
@@ -142,7 +139,7 @@ def quantize_linear(linear: nn.Linear, mode: str, groupsize: int = 32) -> nn.Mod
         dtype = linear.weight.dtype
         q = _dynamic_int8(linear)
         return q if dtype == torch.float32 else _FloatIO(q)
-    raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(MODES)})")
+    raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(QUANTIZE_MODES)})")
 
 
 def kernel_takes(linear: nn.Linear, mode: str, groupsize: int = 32) -> bool:
@@ -153,8 +150,8 @@ def kernel_takes(linear: nn.Linear, mode: str, groupsize: int = 32) -> bool:
 def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head: bool = True) -> nn.Module:
     """Replace the decoder's Linear layers in place, one at a time. CPU only (the kernels are CPU kernels). A layer
     whose shape the kernel cannot take (kernel_takes) stays in float; every published MobileLLaMA shape fits."""
-    if mode not in MODES:
-        raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(MODES)})")
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(QUANTIZE_MODES)})")
     if any(isinstance(m, nn.Linear) and m.weight.device.type != "cpu" for m in llm.modules()):
         raise ValueError("quantize_llm's kernels are CPU kernels; quantise a CPU model")
     lm_head = getattr(llm, "lm_head", None)
@@ -164,32 +161,6 @@ def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head
 
     replace_modules(llm, match, lambda m: quantize_linear(m, mode, groupsize))
     return llm
-
-
-def replace_modules(module: nn.Module, match: Callable[[nn.Module], bool],
-                    make: Callable[[nn.Module], nn.Module]) -> int:
-    """Replace every submodule that matches by make(it), in place, one at a time, dropping each old weight as soon
-    as it is replaced rather than when the loop ends (where the new layout is a copy, the old one is freed then).
-    Returns how many."""
-    targets = [(name, m) for name, m in module.named_modules() if match(m)]
-    for name, old in targets:
-        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        setattr(parent, name.rsplit(".", 1)[-1], make(old))
-        old.weight = None
-    if targets:
-        return_freed_memory()
-    return len(targets)
-
-
-def return_freed_memory() -> None:
-    """Hand the heap pages freed by replacing weights with new layouts (quantised ones, per-chunk temporaries,
-    cpu_linear.py's reordered ones) or by releasing them back to the OS. glibc keeps them mapped otherwise, and
-    the process stays about 0.2 GB (MobileVLM-1.7B, int4) above its model's size for good. No-op where glibc is
-    absent."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def weight_bytes(module: nn.Module) -> int:
