@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import CHECKPOINTS, REFERENCE
+from conftest import CHECKPOINTS, REFERENCE, golden_cases
 
 MODEL = str(CHECKPOINTS / "MobileVLM_V2-tiny")
 IMAGE = str(REFERENCE / "images" / "img0_street_500x300_rgb.png")
 
 
-def ask(*args: str, tmp_path=None):
+def ask(*args: str, tmp_path=None, env: dict | None = None):
     proc = subprocess.run([sys.executable, "-m", "mobilevlm_ros.cli.ask", *args], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+                          timeout=300, cwd=tmp_path, env=None if env is None else {**os.environ, **env})
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -26,6 +27,21 @@ def test_streams_plain_text_answer(kernels):
                "What is the robot doing on the street?")
     assert proc.returncode == 0
     assert proc.stdout.strip() == "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer
+
+
+def test_home_and_environment_variables_in_paths_are_expanded(tmp_path):
+    """--model, --vision-tower, --image and --chat given as `~/...` and `$VARS` that no shell expanded: HOME is a
+    temp directory holding a link to a V1 checkpoint (its CLIP directory not next to it) and the chat file."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "v1").symlink_to(CHECKPOINTS / "MobileVLM-tiny-v1", target_is_directory=True)
+    case = next(c for c in golden_cases("MobileVLM-tiny-v1") if len(c["turns"]) > 1)
+    (home / "chat.json").write_text(json.dumps(case["turns"]))
+    env = {"HOME": str(home), "CLIP": str(CHECKPOINTS / "tiny-clip-vit-patch14-336"), "REFERENCE": str(REFERENCE)}
+    proc = ask("--model", "~/models/v1", "--vision-tower", "$CLIP", "--image", f"$REFERENCE/{case['image']}",
+               "--chat", "~/chat.json", "--max-new-tokens", str(len(case["generated_ids"])), "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["generated_ids"] == case["generated_ids"]
 
 
 @pytest.mark.parametrize("mode", ["int8", "int8-dynamic", "int4"])

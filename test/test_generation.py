@@ -41,6 +41,26 @@ def test_cancel_stops_within_one_token(vlm):
     assert len(answer.generated_ids) <= 4  # pieces can lag tokens by one held-back byte piece
 
 
+@pytest.mark.parametrize("cancel_during", ["vision", "prefill"])
+def test_cancel_during_vision_or_prefill_decodes_nothing(cancel_during):
+    """A cancel that arrives while the image is encoded or the prompt prefilled takes effect before the first
+    decode step: no tokens, stopped_by "cancelled". Forward hooks on the pipeline's own modules mark the moment
+    (the projector ends the vision encode; the decoder's first call is the prefill) and count the decoder's
+    calls: one is the prefill, every further one a decode step."""
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny")  # its own: hooks are added below
+    cancel, decoder_calls = [], []
+    vlm.model.llm.register_forward_hook(lambda *_: decoder_calls.append(1))
+    marker = vlm.model.mm_projector if cancel_during == "vision" else vlm.model.llm
+    marker.register_forward_hook(lambda *_: cancel.append(1))
+    pieces: list[str] = []
+    answer = vlm.ask(IMAGE, QUESTION, SamplingParams(max_new_tokens=16), on_text=lambda piece, _: pieces.append(piece),
+                     cancelled=lambda: bool(cancel))
+    assert answer.stopped_by == "cancelled" and answer.generated_ids == [] and answer.text == "" and not pieces
+    assert len(decoder_calls) == (0 if cancel_during == "vision" else 1)  # no decode step ran
+    assert answer.timings["decode_ms"] == 0 and answer.timings["vision_ms"] > 0
+    assert (answer.timings["prefill_ms"] > 0) == (cancel_during == "prefill")
+
+
 def test_eos_stops_generation():
     vlm = MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny", onednn=False)  # plain weights, edited below
     with torch.no_grad():

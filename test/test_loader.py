@@ -78,6 +78,24 @@ def test_vision_tower_resolution_cwd_and_override(tmp_path, monkeypatch):
         load_model(ckpt, vision_tower=tmp_path)
 
 
+def test_home_and_environment_variables_in_paths_are_expanded(tmp_path, monkeypatch):
+    """MobileVLMPipeline.load's model_dir and vision_tower (and load_model's) may say `~` and `$VARS`: HOME is a
+    temp directory holding a link to a V1 checkpoint (without its CLIP directory next to it), the CLIP directory
+    is named by an environment variable."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / V1.name).symlink_to(V1, target_is_directory=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MOBILEVLM_TEST_CLIP", str(CLIP))
+    reference, _ = load_model(V1)
+    ckpt, clip = f"~/models/{V1.name}", "$MOBILEVLM_TEST_CLIP"
+    assert_same_params(load_model(ckpt, vision_tower=clip)[0], reference)
+    vlm = MobileVLMPipeline.load(ckpt, clip, onednn=False)  # plain layers: their weights compare as tensors
+    assert_same_params(vlm.model, reference)
+    with pytest.raises(CheckpointError, match=f"{home}/absent: model directory not found"):
+        load_model("~/absent")
+
+
 @pytest.mark.parametrize("layout", ["safetensors", "safetensors-sharded", "bin-sharded"])
 def test_weight_layouts_load_identically(tmp_path, layout):
     ckpt = copy_checkpoint(V2, tmp_path)
