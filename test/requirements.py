@@ -23,12 +23,12 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in CI_VALUES
 
 
-def missing(what: str) -> None:
+def missing(what: str, remedy: str = "bash scripts/setup.sh installs it") -> None:
     """Report a missing requirement: skip outside CI, fail in CI. Works in a test, a fixture or at module level."""
     if in_ci():
-        pytest.fail(f"{what} (CI=true: a missing requirement is a broken install, not a skip; "
-                    "bash scripts/setup.sh installs it)", pytrace=False)
-    pytest.skip(f"{what} (bash scripts/setup.sh installs it)", allow_module_level=True)
+        pytest.fail(f"{what} (CI=true: a missing requirement is a broken install, not a skip; {remedy})",
+                    pytrace=False)
+    pytest.skip(f"{what} ({remedy})", allow_module_level=True)
 
 
 def require_module(name: str, why: str = ""):

@@ -2,9 +2,11 @@
 
 - vermin (always): no language feature or standard-library name newer than 3.10 anywhere in the package, its
   launchers or its tests;
-- a real Python 3.10 where this machine has one (pyenv's, or python3.10 on PATH): every source file compiles, and
-  the ROS-free, dependency-free modules import and run (the manifest tool end to end). torch and numpy are not
-  installed for it, so modules that need them are compiled, not imported.
+- a real Python 3.10: every source file compiles, and the ROS-free, dependency-free modules import and run (the
+  manifest tool end to end). torch and numpy are not installed for it, so modules that need them are compiled, not
+  imported. It is found without a machine-specific path: $PYTHON310 if set, else python3.10 on PATH, else pyenv's
+  (under $PYENV_ROOT, `pyenv root`, or ~/.pyenv). Without one these tests skip, and fail under CI
+  (test/requirements.py).
 """
 from __future__ import annotations
 
@@ -18,26 +20,47 @@ from pathlib import Path
 import pytest
 
 from conftest import CHECKPOINTS
+from requirements import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mobilevlm_ros"
 LAUNCHERS = [ROOT / "scripts" / "mobilevlm_node", ROOT / "deploy" / "mobilevlm_lifecycle_node"]
-SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "test").glob("*.py")) + \
+SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "test").rglob("*.py")) + \
     [p for p in LAUNCHERS if p.exists()]
 STDLIB_ONLY_MODULES = ["mobilevlm_ros.manifest", "mobilevlm_ros.cli.manifest", "mobilevlm_ros.rosenv"]
 
 
+def _pyenv_root() -> str:
+    root = os.environ.get("PYENV_ROOT")
+    if not root and shutil.which("pyenv"):
+        try:
+            root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            root = None
+    return root or os.path.expanduser("~/.pyenv")
+
+
+def python310_candidates() -> list[str]:
+    """Where a Python 3.10 may be, most explicit first. (A pyenv shim on PATH fails unless 3.10 is selected, so
+    pyenv's installed versions are listed too.)"""
+    candidates = [os.environ.get("PYTHON310", ""), shutil.which("python3.10") or ""]
+    candidates += sorted(glob.glob(os.path.join(_pyenv_root(), "versions", "3.10.*", "bin", "python3.10")),
+                         reverse=True)
+    return [c for c in candidates if c]
+
+
 def python310() -> str | None:
-    candidates = sorted(glob.glob("/root/.pyenv/versions/3.10.*/bin/python")) + \
-        [p for p in (shutil.which("python3.10"),) if p]
-    for candidate in candidates:
+    """The first candidate that really is CPython 3.10 (PYTHON310, when set, must be one)."""
+    for candidate in python310_candidates():
         try:
             out = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                                  text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
-            continue
-        if out.returncode == 0 and out.stdout.strip() == "(3, 10)":  # a pyenv shim without 3.10 fails here
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.strip() == "(3, 10)":
             return candidate
+        # a pyenv shim without 3.10 selected fails here; an explicit choice that is not 3.10 is a mistake
+        assert candidate != os.environ.get("PYTHON310"), f"PYTHON310={candidate} is not a working Python 3.10"
     return None
 
 
@@ -69,7 +92,8 @@ def test_vermin_would_catch_311_code(tmp_path):
 def py310():
     python = python310()
     if python is None:
-        pytest.skip("no Python 3.10 on this machine (vermin still checked the sources)")
+        missing(f"no Python 3.10 found (tried {python310_candidates() or 'nothing'}; vermin still checked the "
+                "sources)", "install one, e.g. pyenv install 3.10, or set PYTHON310 to its path")
     return python
 
 
