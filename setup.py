@@ -7,7 +7,10 @@ setup(
     packages=find_packages(include=["mobilevlm_ros", "mobilevlm_ros.*"]),
     package_data={"mobilevlm_ros": ["demo_model/*", "demo_model/*/*"]},  # the bundled demo checkpoint
     python_requires=">=3.10",
-    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.1"],
+    # torch 2.6: the int4 CPU kernels (model/quantize.py) are the _for_cpu ops 2.6 split out; 2.5 brought
+    # torch.onnx.export's dynamo= keyword (engines/visual.py passes dynamo=False), 2.1 torch.load(mmap=True) and
+    # load_state_dict(assign=True) (model/loader.py). Tested here with 2.13 only.
+    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.6"],
     extras_require={
         "test": ["pytest", "rosbags", "vermin", "onnx", "onnxruntime"],
         "engines": ["onnx", "onnxruntime"],
