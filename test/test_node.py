@@ -470,7 +470,7 @@ def test_burst_of_50_while_busy_gets_answers_or_busy(graph, scripted):
 def test_inference_failure_is_answered_and_diagnostics_recover(graph, scripted):
     """A real request on which the model raises ([fail]) is answered INFERENCE_FAILED naming the error, and the
     node keeps serving (the next question gets the reference's answer). /diagnostics goes from OK ('serving') to
-    WARN ('1 of the last N inference runs failed (...)'), stays WARN through 9 successful answers and is OK
+    WARN ('serving; 1 of the last N inference runs failed (...)'), stays WARN through 9 successful answers and is OK
     ('serving') again after the 10th. No captions run meanwhile (no frame on the caption camera), so the answers
     are the only inference runs."""
     with scripted.streaming_front() as stamps:
@@ -487,7 +487,7 @@ def test_inference_failure_is_answered_and_diagnostics_recover(graph, scripted):
         warn = scripted.wait_for_status(lambda s: int(s.values["inference_failed"]) == failed_before + 1,
                                         "the failure on /diagnostics")
         assert warn.level == DiagnosticStatus.WARN, warn
-        assert re.fullmatch(rf"1 of the last \d+ inference runs failed \({failed_before + 1} since start\)",
+        assert re.fullmatch(rf"serving; 1 of the last \d+ inference runs failed \({failed_before + 1} since start\)",
                             warn.message), warn.message
         answered = int(warn.values["answered"])  # nothing else runs: this is the count at the failure
         captions = warn.values["captions"]
@@ -499,7 +499,8 @@ def test_inference_failure_is_answered_and_diagnostics_recover(graph, scripted):
             assert status.values["captions"] == captions  # only answers ran
             if k < 10:
                 assert status.level == DiagnosticStatus.WARN, (k, status)
-                assert re.match(r"1 of the last \d+ inference runs failed", status.message), (k, status.message)
+                assert re.fullmatch(r"serving; 1 of the last \d+ inference runs failed \(\d+ since start\)",
+                                    status.message), (k, status.message)
             else:
                 assert (status.level, status.message) == (DiagnosticStatus.OK, "serving"), status
     assert "scripted failure" in scripted.process.log()  # the node logs the model's error
