@@ -105,3 +105,25 @@ def test_the_nodes_default_load_runs_on_onednn(tmp_path):
         assert all(m.one_row_product is cpu_decode.one_row_linear for m in decoder_linears)
         assert vlm.decode_step.keywords["run_layer"] is cpu_decode.one_token_layer
     assert vlm.encode_images == vlm.model.encode_images
+
+
+@needs_onednn
+def test_fast_paths_follow_the_load_options():
+    """choose_fast_paths, the one place the kernels are chosen: oneDNN layers for float CPU models unless opted
+    out, the compiled decode step unless the decoder is quantised, torch's kernels for float16 on the CPU."""
+    from mobilevlm_ros.model import cpu_decode
+    from mobilevlm_ros.model.pipeline import EAGER, FastPaths, choose_fast_paths
+
+    compiled = "cpu_compiled" if cpu_decode.available() else "eager"
+    assert choose_fast_paths() == FastPaths(onednn_layers=True, decode_step=compiled)
+    bfloat16 = FastPaths(onednn_layers=True, decode_step=compiled) if available(torch.bfloat16) else EAGER
+    assert choose_fast_paths(dtype="bfloat16") == bfloat16
+    for mode in ("int8", "int8-dynamic", "int4"):  # the vision side stays float, on oneDNN
+        assert choose_fast_paths(quantize=mode) == FastPaths(onednn_layers=True, decode_step="eager")
+    assert choose_fast_paths(onednn=False) == EAGER
+    assert choose_fast_paths(dtype="float16") == EAGER
+    for bad in ({"dtype": "int3"}, {"quantize": "int3"}, {"compile_mode": "fastest"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            choose_fast_paths(**bad)
+    with pytest.raises(ValueError):
+        FastPaths(onednn_layers=False, decode_step="cpu_compiled")

@@ -43,6 +43,12 @@ class FastPaths:
     decode_step: str  # one of DECODE_STEPS
     compile_mode: str | None = None  # cuda_graphs: the torch.compile mode that fuses the step first
 
+    def __post_init__(self) -> None:
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step {self.decode_step!r}: expected one of {', '.join(DECODE_STEPS)}")
+        if self.decode_step == "cpu_compiled" and not self.onednn_layers:
+            raise ValueError("the compiled CPU decode step runs on oneDNN layers (cpu_decode.py)")
+
 
 EAGER = FastPaths(onednn_layers=False, decode_step="eager")
 
@@ -95,19 +101,18 @@ def apply_fast_paths(model: MobileVLM, fast_paths: FastPaths, max_seq_len: int,
     """
     if engine is not None:
         model.release_vision()
-    one_row_product = None
+    model.llm.setup_cache(max_seq_len)
     if fast_paths.decode_step == "cpu_compiled":
         from . import cpu_decode  # imported late: see choose_fast_paths
 
-        one_row_product = cpu_decode.one_row_linear
-    if fast_paths.onednn_layers:
-        use_onednn_in_mobilevlm(model, one_row_product)
-    model.llm.setup_cache(max_seq_len)
-    decode_step: DecodeStep = model.decode_step
-    if fast_paths.decode_step == "cuda_graphs":
-        decode_step = CUDAGraphDecoder(model, compile_mode=fast_paths.compile_mode)
-    elif fast_paths.decode_step == "cpu_compiled":
-        decode_step = cpu_decode.compiled_decode_step(model)
+        use_onednn_in_mobilevlm(model, one_row_product=cpu_decode.one_row_linear)
+        decode_step: DecodeStep = cpu_decode.compiled_decode_step(model)
+    else:
+        if fast_paths.onednn_layers:
+            use_onednn_in_mobilevlm(model)
+        decode_step = model.decode_step
+        if fast_paths.decode_step == "cuda_graphs":
+            decode_step = CUDAGraphDecoder(model, compile_mode=fast_paths.compile_mode)
     return (model.encode_images if engine is None else engine), decode_step
 
 
