@@ -5,6 +5,7 @@ import array
 import contextlib
 import io
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -45,6 +46,14 @@ def expect_frame_error(code: str, *fragments: str):
     assert info.value.code == code, info.value
     for fragment in fragments:
         assert fragment in info.value.message, (fragment, info.value.message)
+
+
+def wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.001)
 
 
 # --- raw sensor_msgs/Image -------------------------------------------------------------------------------------
@@ -381,15 +390,13 @@ def make_frame(decoder, camera_id: str = "front", seq: int = 0, received: float 
 
 
 class CountingDecoder:
-    def __init__(self, result: np.ndarray | None = None, error: FrameError | None = None, delay_s: float = 0.0):
+    def __init__(self, result: np.ndarray | None = None, error: FrameError | None = None):
         self.calls = 0
         self._result = result
         self._error = error
-        self._delay_s = delay_s
 
     def __call__(self) -> np.ndarray:
         self.calls += 1
-        time.sleep(self._delay_s)
         if self._error is not None:
             raise self._error
         return self._result.copy()
@@ -406,22 +413,47 @@ def test_frame_decodes_lazily_and_once(rgb_image):
     assert not first.flags.writeable  # shared by every request: nobody may modify it
 
 
+def _inside(thread: threading.Thread, code) -> bool:
+    """Whether ``thread`` is running ``code`` now (anywhere in its stack, e.g. blocked on a lock inside it)."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
 def test_frame_decodes_once_under_concurrent_requests(rgb_image):
-    decoder = CountingDecoder(rgb_image, delay_s=0.05)
-    frame = make_frame(decoder)
+    """Four threads ask one frame for its pixels at once. The decoder holds the first caller until the other three
+    are inside Frame.rgb as well (waiting for the decode, or decoding themselves: the mistake this test catches), so
+    every request overlaps the decode whatever the scheduling: one decode, one shared array."""
+    threads: list[threading.Thread] = []
+    returned: set[threading.Thread] = set()
+    calls = []
+
+    def holding_decoder() -> np.ndarray:
+        calls.append(threading.current_thread())
+        others = [t for t in threads if t is not threading.current_thread()]
+        wait_for(lambda: all(t in returned or _inside(t, Frame.rgb.__code__) for t in others),
+                 "the other requests inside Frame.rgb")
+        return rgb_image.copy()
+
+    frame = make_frame(holding_decoder)
     start = threading.Barrier(4)
     results = []
 
     def request():
         start.wait()
-        results.append(frame.rgb())
+        try:
+            results.append(frame.rgb())
+        finally:
+            returned.add(threading.current_thread())
 
-    threads = [threading.Thread(target=request) for _ in range(4)]
+    threads.extend(threading.Thread(target=request) for _ in range(4))
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
-    assert decoder.calls == 1
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(calls) == 1
     assert len(results) == 4 and all(result is results[0] for result in results)
 
 
@@ -540,13 +572,16 @@ def test_concurrent_put_and_latest(rgb_image):
 
     readers = [threading.Thread(target=read) for _ in range(2)]
     publishers = [threading.Thread(target=publish, args=(camera_id,)) for camera_id in cameras]
-    for thread in readers + publishers:
-        thread.start()
-    for thread in publishers:
-        thread.join()
-    done.set()
+    try:
+        for thread in readers + publishers:
+            thread.start()
+        for thread in publishers:
+            thread.join(60)
+    finally:
+        done.set()  # the readers' loop ends whatever happened to the publishers
     for thread in readers:
-        thread.join()
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in readers + publishers)
     assert problems == []
     assert sorted(store.cameras()) == cameras
     assert all(store.latest(camera_id).seq == frames_per_camera - 1 for camera_id in cameras)
