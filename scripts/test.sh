@@ -6,4 +6,6 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}
 bash "$REPO/scripts/setup.sh"
 cd "$REPO"
-exec "$VENV/bin/python" -m pytest test -q -p no:cacheprovider "$@"
+# A test file that cannot be collected (under CI=true: one whose rclpy is missing, test/requirements.py) fails the
+# run without stopping the other files.
+exec "$VENV/bin/python" -m pytest test -q -p no:cacheprovider --continue-on-collection-errors "$@"

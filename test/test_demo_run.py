@@ -5,10 +5,9 @@ import re
 import subprocess
 import sys
 
-import pytest
+from requirements import require_module
 
-pytest.importorskip("rclpy")
-
+require_module("rclpy")
 
 
 def test_demo_runs_end_to_end(tmp_path):
