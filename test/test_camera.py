@@ -441,7 +441,7 @@ def test_frame_decodes_once_under_concurrent_requests(rgb_image):
     results = []
 
     def request():
-        start.wait()
+        start.wait(60)
         try:
             results.append(frame.rgb())
         finally:

@@ -143,7 +143,7 @@ def test_three_robots_in_one_domain_answer_interleaved_requests(tmp_path):
     finally:
         stop.set()
         if publisher_thread is not None:
-            publisher_thread.join()
+            publisher_thread.join(30)
         graph.close()
     for robot, process in processes.items():
         assert process.proc.returncode == 0, process.log()
