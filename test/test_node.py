@@ -60,8 +60,7 @@ PARAMS = {
     "cameras": ["front", "rear", "aux"],
     "default_camera": "front",
     "camera": {"rear": {"transport": "compressed"}},
-    # The bag's frames keep their recorded stamps (2023): judge a frame's age by its arrival. (A node without this
-    # parameter ignores it; arrival is how it judges.)
+    # The bag is replayed with its recorded stamps (2023) and no /clock: judge a frame's age by its arrival.
     "frame_age_from": "arrival",
     "max_frame_age_s": 1.5,
     "max_new_tokens": 8,
