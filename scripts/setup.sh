@@ -39,7 +39,13 @@ if [[ -f $TOOLS/node_modules/pyright/package.json ]]; then
   installed_pyright=$(node -p "require('$TOOLS/node_modules/pyright/package.json').version" 2>/dev/null || true)
 fi
 if [[ $installed_pyright != "$PYRIGHT_VERSION" ]]; then
-  command -v npm >/dev/null || { echo "setup.sh: npm is needed to install pyright (apt-get install npm)" >&2; exit 1; }
-  mkdir -p "$TOOLS"
-  npm install --prefix "$TOOLS" --no-audit --no-fund --loglevel=error "pyright@$PYRIGHT_VERSION"
+  if command -v npm >/dev/null; then
+    mkdir -p "$TOOLS"
+    npm install --prefix "$TOOLS" --no-audit --no-fund --loglevel=error "pyright@$PYRIGHT_VERSION"
+  elif [[ ${CI:-} == true ]]; then
+    echo "setup.sh: npm is needed to install pyright for the TensorRT type check (apt-get install npm)" >&2
+    exit 1
+  else  # a developer machine without npm: the type check skips (it fails under CI)
+    echo "setup.sh: npm not found; pyright not installed, the TensorRT type check will skip" >&2
+  fi
 fi
