@@ -4,12 +4,12 @@ torch runs ``nn.Linear`` on the CPU through MKL. On the AMD EPYC (Zen 4) machine
 batch-1 products (every decode step) read float32 weights at about 15 GB/s of the machine's 30 and its
 prompt-sized products reach about 105 GFLOP/s; oneDNN, which ships inside the same torch build and picks its
 kernels by instruction set, reaches about 27-30 GB/s and 190-200 GFLOP/s with the weight reordered once into its
-blocked layout (bfloat16: 22-28 against 15 GB/s). The model code keeps ``nn.Linear`` (training and
-the reference comparison see the plain model); the pipeline swaps the layers when it is built, and whatever must
-read plain layers (the ONNX export) reads :func:`plain_copy` (the reorder is lossless both ways). Decoder layers
-given cpu_decode.py's one-row product keep their plain weight and run decode steps through it (faster than
-oneDNN's bfloat16 kernel, as fast as its float32 one, and fused with the rest of the step); their prompt-sized
-products run on the plain weight as fast as on a reordered one.
+blocked layout (bfloat16: 22-28 against 15 GB/s). The model code keeps ``nn.Linear`` (training sees the plain
+model); the pipeline swaps the layers when it is built (pipeline.apply_fast_paths), and whatever must read plain
+layers (the ONNX export) reads :func:`plain_copy` (the reorder is lossless both ways). Decoder layers given
+cpu_decode.py's one-row product keep their plain weight and run decode steps through it (faster than oneDNN's
+bfloat16 kernel, as fast as its float32 one, and fused with the rest of the step); their prompt-sized products run
+on the plain weight as fast as on a reordered one.
 """
 from __future__ import annotations
 
