@@ -57,6 +57,12 @@ print(json.dumps({"built": info.built, "build_calls": len(builds), "waited": inf
 """
 
 
+def test_every_engine_backend_has_its_cache_suffix():
+    from mobilevlm_ros.options import ENGINE_BACKENDS
+
+    assert sorted(provision.ENGINE_SUFFIX) == sorted(ENGINE_BACKENDS)
+
+
 def test_file_lock_excludes_other_holders(tmp_path):
     lock = tmp_path / "engines" / "visual.engine.lock"
     holding, release = threading.Event(), threading.Event()

@@ -31,8 +31,9 @@ from ..options import ENGINE_BACKENDS
 from .cache import PRECISIONS
 
 LOCK_SUFFIX = ".lock"
-# The file suffixes the backends give EngineCache (engines/onnxrt.py: ".ort.onnx"; TensorRT: the default ".engine").
-ENGINE_SUFFIX = dict(zip(ENGINE_BACKENDS, (".ort.onnx", ".engine")))
+# The file suffix each of options.ENGINE_BACKENDS gives EngineCache (engines/onnxrt.py: ".ort.onnx"; TensorRT: the
+# default ".engine").
+ENGINE_SUFFIX = {"onnxruntime": ".ort.onnx", "tensorrt": ".engine"}
 
 
 class EngineUnavailable(RuntimeError):
@@ -231,7 +232,6 @@ def check_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..model import CheckpointError, load_model
-    from ..model.loader import expand_path
 
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -241,7 +241,7 @@ def check_command(args: argparse.Namespace) -> int:
         # Loaded exactly as the build loads it, so the export digest (and with it the ONNX hash) is the same.
         model, _ = load_model(args.model, args.vision_tower, device,
                               "float16" if device.startswith("cuda") else "float32")
-        report = check_engines(args.backend, model, expand_path(args.engines), args.precision, args.max_batch)
+        report = check_engines(args.backend, model, args.engines, args.precision, args.max_batch)
     except (CheckpointError, RuntimeError, ValueError) as e:
         print(f"mobilevlm-build-engines --check: {e}", file=sys.stderr)
         return 2
@@ -250,13 +250,15 @@ def check_command(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..model.loader import expand_path
+
     p = argparse.ArgumentParser(prog="python -m mobilevlm_ros.engines.provision",
                                 description="Check the engine cache against this device without building "
                                             "(the same as mobilevlm-build-engines --check).")
     p.add_argument("--check", action="store_true", help="accepted for symmetry with mobilevlm-build-engines")
-    p.add_argument("--model", required=True)
-    p.add_argument("--vision-tower")
-    p.add_argument("--engines", default="engines")
+    p.add_argument("--model", type=expand_path, required=True)
+    p.add_argument("--vision-tower", type=expand_path)
+    p.add_argument("--engines", type=expand_path, default="engines")
     p.add_argument("--backend", default="tensorrt", choices=list(ENGINE_BACKENDS))
     p.add_argument("--precision", default="fp16", choices=PRECISIONS)
     p.add_argument("--max-batch", type=int, default=4)
