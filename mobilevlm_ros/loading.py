@@ -55,6 +55,8 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     engine, vision = provision_visual_encoder(config.backend, model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)
     pipeline = MobileVLMPipeline(model, tokenizer, config.max_seq_len, fast_paths, engine)
+    info(f"kernels: {'oneDNN' if fast_paths.onednn_layers else 'torch'} Linear layers, {fast_paths.decode_step} "
+         "decode step")
     if engine is not None:
         info(f"vision: {vision.active} engine {vision.engine} ({'built now' if vision.built else 'from the cache'}); "
              "torch vision tower released")
