@@ -11,9 +11,8 @@ import argparse
 import json
 import sys
 
-from ..engines.cache import PRECISIONS
 from ..model.loader import expand_path
-from ..options import ENGINE_BACKENDS
+from ..options import ENGINE_BACKENDS, ENGINE_PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=expand_path, default="engines",
                    help="engine cache directory (default: ./engines)")
     p.add_argument("--backend", default="tensorrt", choices=ENGINE_BACKENDS)
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS, help="TensorRT precision")
+    p.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS, help="TensorRT precision")
     p.add_argument("--max-batch", type=int, default=4, help="largest batch (cameras per call) the engine accepts")
     p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace limit")
     p.add_argument("--device", default=None, help="cuda (default for tensorrt) or cpu")

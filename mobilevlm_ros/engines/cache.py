@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 META_SUFFIX = ".json"
-PRECISIONS = ("fp16", "fp32")  # of a TensorRT engine (mobilevlm-build-engines --precision); ONNX Runtime's: fp32
 
 
 def file_sha256(path: str | Path) -> str:
@@ -40,7 +39,7 @@ class EngineKey:
     runtime_version: str
     device_name: str  # e.g. "Orin", "NVIDIA H100 80GB HBM3", "cpu"
     compute_capability: str  # e.g. "8.7"; "" for CPU
-    precision: str  # one of PRECISIONS
+    precision: str  # one of options.ENGINE_PRECISIONS
     max_batch: int = 1
 
     def digest(self) -> str:

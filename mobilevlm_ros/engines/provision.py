@@ -27,8 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..options import ENGINE_BACKENDS
-from .cache import PRECISIONS
+from ..options import ENGINE_BACKENDS, ENGINE_PRECISIONS
 
 LOCK_SUFFIX = ".lock"
 # The file suffix each of options.ENGINE_BACKENDS gives EngineCache (engines/onnxrt.py: ".ort.onnx"; TensorRT: the
@@ -259,8 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=expand_path, required=True)
     p.add_argument("--vision-tower", type=expand_path)
     p.add_argument("--engines", type=expand_path, default="engines")
-    p.add_argument("--backend", default="tensorrt", choices=list(ENGINE_BACKENDS))
-    p.add_argument("--precision", default="fp16", choices=PRECISIONS)
+    p.add_argument("--backend", default="tensorrt", choices=ENGINE_BACKENDS)
+    p.add_argument("--precision", default="fp16", choices=ENGINE_PRECISIONS)
     p.add_argument("--max-batch", type=int, default=4)
     p.add_argument("--device", default=None)
     return p
