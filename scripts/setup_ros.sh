@@ -202,13 +202,19 @@ fi
 
 # --- 5. the ament index layout of a colcon --symlink-install build, pointing at the working tree ----------------
 # CMake installed copies; in development the working tree is the package, so edits to launch files, parameter files
-# and launcher scripts take effect without a rebuild (the stamp of step 3 does not cover them).
+# and launcher scripts take effect without a rebuild (the stamp of step 3 does not cover them). Like colcon, link
+# each file, not the directory: `ros2 launch` finds launch files with os.walk, which does not enter linked
+# directories. (A new file needs a re-run of this script, as with colcon.)
 SHARE=$INSTALL_DIR/share/mobilevlm_ros
 for dir in launch config; do
-  if [[ $(readlink "$SHARE/$dir" || true) != "$REPO/$dir" ]]; then
+  wanted=$(cd "$REPO/$dir" && find . -type f ! -name '*.pyc' | LC_ALL=C sort)
+  have=$(cd "$SHARE/$dir" 2>/dev/null && find . -type l | LC_ALL=C sort \
+         | while read -r f; do [[ $(readlink "$f") == "$REPO/$dir/${f#./}" ]] && echo "$f"; done)
+  if [[ $wanted != "$have" || -n $(find "$SHARE/$dir" -type f 2>/dev/null) ]]; then
     rm -rf "${SHARE:?}/$dir"
-    ln -s "$REPO/$dir" "$SHARE/$dir"
-    log "$SHARE/$dir -> $REPO/$dir"
+    cp -rs "$REPO/$dir" "$SHARE/$dir"
+    find "$SHARE/$dir" -name '__pycache__' -prune -exec rm -rf {} +
+    log "$SHARE/$dir: links to the files of $REPO/$dir"
   fi
 done
 # The launchers colcon installs under lib/mobilevlm_ros/ start with #!/usr/bin/env python3, which is the ROS
