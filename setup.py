@@ -12,9 +12,10 @@ setup(
     # load_state_dict(assign=True) (model/loader.py). Tested here with 2.13 only.
     install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.6"],
     extras_require={
-        "test": ["pytest", "rosbags", "vermin", "onnx", "onnxruntime"],
+        "test": ["pytest", "rosbags", "vermin", "onnx", "onnxruntime", "transformers", "peft"],
         "engines": ["onnx", "onnxruntime"],
         "bench": ["onnx", "onnxruntime", "transformers", "llama-cpp-python", "gguf", "matplotlib"],
+        "finetune": ["rosbags"],  # mobilevlm-bag-to-dataset reads bags; fine-tuning itself needs only torch
     },
     entry_points={
         "console_scripts": [
@@ -27,6 +28,8 @@ setup(
             "mobilevlm-build-engines = mobilevlm_ros.cli.build_engines:main",
             "mobilevlm-bench = mobilevlm_ros.bench.cli:main",
             "mobilevlm-train-demo = mobilevlm_ros.train.cli:main",
+            "mobilevlm-finetune = mobilevlm_ros.finetune.cli:main",
+            "mobilevlm-bag-to-dataset = mobilevlm_ros.finetune.bag_to_dataset:main",
         ],
     },
 )

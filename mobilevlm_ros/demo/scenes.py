@@ -498,3 +498,23 @@ def caption_classes(caption: str) -> set[str]:
     """The object classes a caption mentions (singular or plural)."""
     text = caption.lower()
     return {cls for cls in CLASSES if cls in text}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A skill the bundled demo model was never taught, for the fine-tuning proof (docs/FINETUNE.md). It is asked only
+# through stop_or_go, never by questions_for or make_scene, so every seed's scenes and questions stay as they were.
+
+STOP_OR_GO = "stop_or_go"
+STOP_OR_GO_QUESTIONS = ("Should the robot stop or go?", "Can the robot go, or must it stop?",
+                        "Stop or go?", "Must the robot stop here, or may it go?")
+
+
+def must_stop(objects: list[SceneObject]) -> bool:
+    """The rule the skill teaches: stop at a stop sign or a red traffic light, otherwise go."""
+    return any(o.cls == "stop sign" or (o.cls == "traffic light" and o.state == "red") for o in objects)
+
+
+def stop_or_go(scene: Scene, rng: np.random.Generator) -> QA:
+    """The stop-or-go question about a scene (a template drawn by rng) and its answer, "stop" or "go"."""
+    question = STOP_OR_GO_QUESTIONS[rng.integers(len(STOP_OR_GO_QUESTIONS))]
+    return QA(STOP_OR_GO, question, "stop" if must_stop(scene.objects) else "go")
