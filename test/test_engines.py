@@ -2,7 +2,6 @@
 ONNX Runtime standing in for TensorRT), the CLIs' backend options, and TensorRT where it exists."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,9 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import CHECKPOINT_NAMES, CHECKPOINTS, REFERENCE
+from requirements import require_module
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+ort = require_module("onnxruntime")
+require_module("onnx")
 
 from mobilevlm_ros.engines import (EngineCache, EngineKey, EngineRejected, VisualEncoder, export_onnx,  # noqa: E402
                                    file_sha256, make_visual_encoder, reference_validator)

@@ -18,7 +18,9 @@ try:
     import onnxruntime as ort
 except ImportError:  # the lock test still runs
     ort = None
-needs_ort = pytest.mark.skipif(ort is None, reason="onnxruntime and onnx stand in for TensorRT here (test extra)")
+from requirements import needs_modules  # noqa: E402
+
+needs_ort = needs_modules("onnx", "onnxruntime", why="onnxruntime and onnx stand in for TensorRT here (test extra)")
 
 from mobilevlm_ros.engines import VisualEncoder, cached_onnx  # noqa: E402
 from mobilevlm_ros.engines import provision  # noqa: E402
@@ -40,16 +42,27 @@ pipeline = MobileVLMPipeline.load(model_dir)
 builds = []
 real_build = onnxrt.build_ort_engine
 
-def slow_build(onnx_path, out_path, device):  # a build that takes a while, as a real TensorRT build does
+def wait_for(condition, what):
+    deadline = time.monotonic() + 180
+    while not condition():
+        if time.monotonic() > deadline:
+            sys.exit(f"racer {name}: no {what} within 180 s")
+        time.sleep(0.01)
+
+def slow_build(onnx_path, out_path, device):  # a build that lasts until the other racer waits for the lock
     builds.append(time.time())
-    time.sleep(1.5)
+    wait_for(lambda: any(Path(work).glob("waiting-*")), "other racer waiting for the lock")
     real_build(onnx_path, out_path, device)
+
+def log(line):
+    if line.startswith("waiting for another process"):
+        Path(work, f"waiting-{name}").touch()
 
 onnxrt.build_ort_engine = slow_build
 Path(work, f"ready-{name}").touch()
-while not Path(work, "go").exists():
-    time.sleep(0.01)
-encode, info = provision_visual_encoder("onnxruntime", pipeline.model, engines, allow_build=True, fallback=False)
+wait_for(lambda: Path(work, "go").exists(), "go")
+encode, info = provision_visual_encoder("onnxruntime", pipeline.model, engines, allow_build=True, fallback=False,
+                                        log=log)
 x = torch.zeros(1, 3, 336, 336)
 ref = pipeline.model.encode_images(x)
 print(json.dumps({"built": info.built, "build_calls": len(builds), "waited": info.waited_for_lock,
@@ -102,7 +115,12 @@ def test_two_processes_racing_for_one_engine_build_it_once(tmp_path):
             assert all(r.poll() is None for r in racers), [r.communicate() for r in racers]
             time.sleep(0.05)
         (tmp_path / "go").touch()  # both start provisioning at the same moment
-        outputs = [r.communicate(timeout=180) for r in racers]
+        try:
+            outputs = [r.communicate(timeout=180) for r in racers]
+        except subprocess.TimeoutExpired:
+            for r in racers:  # a live racer could wait forever on one that died: stop both, then report
+                r.kill()
+            pytest.fail(f"racers did not finish: {[r.communicate() for r in racers]}")
     finally:
         for r in racers:
             if r.poll() is None:
