@@ -10,12 +10,12 @@ setup(
     # torch 2.6: the int4 CPU kernels (model/quantize.py) are the _for_cpu ops 2.6 split out; 2.5 brought
     # torch.onnx.export's dynamo= keyword (engines/visual.py passes dynamo=False), 2.1 torch.load(mmap=True) and
     # load_state_dict(assign=True) (model/loader.py). Tested here with 2.13 only.
-    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.6"],
+    # rosbags: mobilevlm-replay-bag, mobilevlm-demo and mobilevlm-bag-to-dataset write and read ROS 2 bags.
+    install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.6", "rosbags"],
     extras_require={
-        "test": ["pytest", "rosbags", "vermin", "onnx", "onnxruntime", "transformers", "peft"],
+        "test": ["pytest", "vermin", "onnx", "onnxruntime", "transformers", "peft"],
         "engines": ["onnx", "onnxruntime"],
         "bench": ["onnx", "onnxruntime", "transformers", "llama-cpp-python", "gguf", "matplotlib"],
-        "finetune": ["rosbags"],  # mobilevlm-bag-to-dataset reads bags; fine-tuning itself needs only torch
     },
     entry_points={
         "console_scripts": [
