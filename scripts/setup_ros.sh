@@ -4,7 +4,7 @@
 #   VENV=/path/to/venv bash scripts/setup_ros.sh     # default VENV: .venv in the repository root
 #
 # The venv must exist already (python3 -m venv); it need not be activated. Idempotent: a re-run skips every
-# step that is already done. What it does (see /work/shared/ROS_ENV.md for why):
+# step that is already done. What it does (each step below says why):
 #   1. pip-installs the ROS 2 Kilted runtime and interface-build wheels (+ catkin-pkg, which ament_cmake_core
 #      needs to read package.xml and no wheel pulls in without colcon), and rosbags, if any is missing;
 #   2. rewrites the manylinux build container's include paths in the wheels' exported CMake files (once);
