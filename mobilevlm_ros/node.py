@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
@@ -79,6 +80,7 @@ class MobileVLMNode(LifecycleNode):
         self.config: NodeConfig | None = None
         self.loaded: LoadedModel | None = None
         self.server: SceneServer | None = None
+        self.frames = FrameStore()  # the newest frame per camera, filled by the intake while active
         self.problem = ""  # why the last configure failed, for /diagnostics
         self.finalized = threading.Event()
         self.gate = AdmissionGate()
@@ -120,8 +122,7 @@ class MobileVLMNode(LifecycleNode):
             self.problem = _reason(e)
             log.error(f"configure failed: {self.problem}")
             return FAILURE
-        self.config, self.loaded, self.server, self.problem = config, loaded, server, ""
-        self.intake.frames = frames
+        self.config, self.loaded, self.server, self.frames, self.problem = config, loaded, server, frames, ""
         self._set_diagnostics_period(config.diagnostics_period_s)
         self.gate.set_state("inactive")
         log.info(f"configured in {time.monotonic() - started:.1f} s (vision: {loaded.vision.active}"
@@ -134,7 +135,7 @@ class MobileVLMNode(LifecycleNode):
         if result != SUCCESS:
             return result
         config = self.config
-        self.intake.start(config.cameras, self.intake.frames)
+        self.intake.start(config.cameras, self.frames)
         self.captions.start(self.server, config.caption_cameras, config.caption_prompt,
                             config.caption_max_new_tokens, config.caption_rate_hz)
         self.gate.open(self.server)
@@ -199,8 +200,8 @@ class MobileVLMNode(LifecycleNode):
         device = self.config.device
         pipeline_ref = weakref.ref(self.loaded.pipeline)
         self.server = self.loaded = None
-        self.intake.frames = FrameStore()
-        server = None
+        self.frames = FrameStore()
+        server = None  # the last reference but the pipeline's own, so gc can free the model
         gc.collect()
         if device.startswith("cuda"):
             import torch
@@ -223,8 +224,6 @@ class MobileVLMNode(LifecycleNode):
 
     def _apply_live(self, name: str, value) -> None:
         """Takes effect for the next request (the running one keeps its settings)."""
-        from dataclasses import replace
-
         if name in ("max_frame_age_s", "max_new_tokens", "temperature"):
             self.server.update(**{name: value})
             self.config = replace(self.config, server=self.server.config)
@@ -251,9 +250,9 @@ class MobileVLMNode(LifecycleNode):
         config, server = self.config, self.server
         cameras = ()
         if self.gate.state == "active" and config is not None and server is not None:
-            frames, cameras = self.intake.frames, []
+            cameras = []
             for camera in config.cameras:
-                frame = frames.latest(camera.camera_id)
+                frame = self.frames.latest(camera.camera_id)
                 age, judged = server.frame_age(frame) if frame is not None else (None, "")
                 cameras.append(CameraHealth(camera.camera_id, self.intake.topic(camera),
                                             self.intake.reliability(camera.camera_id), age, judged))

@@ -27,7 +27,7 @@ class CameraIntake:
     def __init__(self, node: Node, callback_group):
         self.node = node
         self.callback_group = callback_group
-        self.frames = FrameStore()
+        self.frames = FrameStore()  # the node's, given at start
         self._seq = itertools.count()
         self._cameras: tuple[CameraConfig, ...] = ()
         self._subscriptions: dict[str, tuple[ReliabilityPolicy, object]] = {}
