@@ -98,11 +98,17 @@ class Command:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGINT)
 
-    def wait(self, timeout: float = CALL_TIMEOUT_S) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self} still running after {timeout} s:\n{self.output()[-4000:]}") from None
+    def wait(self, timeout: float = CALL_TIMEOUT_S, while_running: Command | None = None) -> int:
+        """The exit code; fails at once if ``while_running`` (the launch this command talks to) ends first."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if while_running is not None and while_running.proc.poll() is not None:
+                raise AssertionError(f"{while_running} ended ({while_running.proc.returncode}) while {self} ran:\n"
+                                     f"{while_running.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self} still running after {timeout} s:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+        return self.proc.returncode
 
     def stop(self) -> None:
         """Clean-up whatever happened: Ctrl-C, then SIGKILL to the group if it is still there after 30 s."""
@@ -128,6 +134,11 @@ class Graph:
         # PYTHONUNBUFFERED: the CLI's prints reach the log (and the waits on them) as they happen.
         self.env = {**isolated_ros_env(tmp_dir=tmp_path), "PYTHONUNBUFFERED": "1"}
         self.commands: list[Command] = []
+        self.launch: Command | None = None  # the `ros2 launch` the other commands talk to
+
+    def start_launch(self, *args: str) -> Command:
+        self.launch = self.start("launch", "mobilevlm_ros", *args, name="launch")
+        return self.launch
 
     def start(self, *args: str, stdin_path: Path | None = None, name: str = "") -> Command:
         name = name or f"{len(self.commands):02d}_{'_'.join(args[:2])}"
@@ -135,10 +146,11 @@ class Graph:
         self.commands.append(command)
         return command
 
-    def run(self, *args: str, timeout: float = CALL_TIMEOUT_S) -> tuple[int, str]:
-        """Run a ros2 command to its end: (exit code, output)."""
+    def run(self, *args: str, timeout: float = CALL_TIMEOUT_S, launch_may_end: bool = False) -> tuple[int, str]:
+        """Run a ros2 command to its end: (exit code, output). Fails at once if the launch ends meanwhile, unless
+        the command may end it."""
         command = self.start(*args)
-        return command.wait(timeout), command.output()
+        return command.wait(timeout, None if launch_may_end else self.launch), command.output()
 
     def camera(self, topic: str = CAMERA_TOPIC, rate_hz: float = 10.0) -> Command:
         """A camera: `ros2 topic pub` of the demo scene as sensor_msgs/Image, stamped now at every publish
@@ -197,16 +209,16 @@ def inference_status(diagnostics: dict, node: str) -> dict:
 
 # --- the checks ----------------------------------------------------------------------------------------------------
 def ask(graph: Graph, ns: str, question: str, max_new_tokens: int = 0) -> Command:
-    """`ros2 service call NS/ask_scene mobilevlm_ros/srv/AskScene "{question: ...}"`, started."""
-    request = yaml.safe_dump({"question": question, "max_new_tokens": max_new_tokens}, default_flow_style=True)
-    return graph.start("service", "call", f"{ns}/ask_scene", "mobilevlm_ros/srv/AskScene", request.strip())
+    """`ros2 service call NS/ask_scene mobilevlm_ros/srv/AskScene "{question: '...'}"`, started."""
+    request = f"{{question: '{question}'" + (f", max_new_tokens: {max_new_tokens}}}" if max_new_tokens else "}")
+    return graph.start("service", "call", f"{ns}/ask_scene", "mobilevlm_ros/srv/AskScene", request)
 
 
 def answer(graph: Graph, ns: str, question: str) -> dict:
     """Ask until the node has a frame from the camera (the first frames take discovery): the response's fields."""
     def answered():
         command = ask(graph, ns, question)
-        assert command.wait() == 0, command.output()
+        assert command.wait(while_running=graph.launch) == 0, command.output()
         response = service_response(command.output())
         if response["error_code"] in ("NO_FRAME", "STALE_FRAME"):
             return None
@@ -235,8 +247,7 @@ def robot7(ros2, tmp_path_factory):
     publishing the demo scene on /cam/image_raw."""
     graph = Graph(ros2, tmp_path_factory.mktemp("robot7"))
     try:
-        graph.launch = graph.start("launch", "mobilevlm_ros", "vlm.launch.py", "namespace:=/robot7",
-                                   f"camera_topic:={CAMERA_TOPIC}", name="launch")
+        graph.start_launch("vlm.launch.py", "namespace:=/robot7", f"camera_topic:={CAMERA_TOPIC}")
         graph.camera()
         yield graph
         assert graph.launch.proc.poll() is None, "ros2 launch ended during the tests:\n" + graph.launch.output()
@@ -261,7 +272,7 @@ def test_action_feedback_streams_the_answer_and_topics_show_data(robot7):
     answer(robot7, "/robot7", "Describe the scene.")  # served, with a frame
     goal = robot7.start("action", "send_goal", "--feedback", "/robot7/ask_scene", "mobilevlm_ros/action/AskScene",
                         "{question: 'Describe the scene.'}")
-    assert goal.wait() == 0, goal.output()
+    assert goal.wait(while_running=robot7.launch) == 0, goal.output()
     output = goal.output()
     assert "Goal finished with status: SUCCEEDED" in output, output
     feedback = yaml_blocks(output, "Feedback")
@@ -288,8 +299,8 @@ def robot8(ros2, tmp_path_factory):
     /robot8, a camera publishing."""
     graph = Graph(ros2, tmp_path_factory.mktemp("robot8"))
     try:
-        graph.launch = graph.start("launch", "mobilevlm_ros", "vlm.launch.py", "namespace:=/robot8",
-                                   f"camera_topic:={CAMERA_TOPIC}", f"model_path:={TINY_MODEL}", name="launch")
+        graph.start_launch("vlm.launch.py", "namespace:=/robot8", f"camera_topic:={CAMERA_TOPIC}",
+                           f"model_path:={TINY_MODEL}")
         graph.camera()
         answer(graph, "/robot8", "Describe the scene.")
         yield graph
@@ -361,8 +372,7 @@ def test_lifecycle_set_and_get_through_every_transition(ros2, tmp_path):
     graph = Graph(ros2, tmp_path)
     node = "/robot9/mobilevlm_node"
     try:
-        launch = graph.start("launch", "mobilevlm_ros", "vlm_lifecycle_managed.launch.py", "namespace:=/robot9",
-                             f"params_file:={params}", name="launch")
+        launch = graph.start_launch("vlm_lifecycle_managed.launch.py", "namespace:=/robot9", f"params_file:={params}")
         wait_for_lifecycle_state(graph, node, "unconfigured")
         for transition, state in (("configure", "inactive"), ("activate", "active"), ("deactivate", "inactive"),
                                   ("cleanup", "unconfigured")):
@@ -374,7 +384,7 @@ def test_lifecycle_set_and_get_through_every_transition(ros2, tmp_path):
                 values = inference_status(echo_once(graph, "/diagnostics", "diagnostic_msgs/msg/DiagnosticArray"),
                                           node)
                 assert Path(values["model"]) == TINY_MODEL, values
-        code, output = graph.run("lifecycle", "set", node, "shutdown", timeout=START_TIMEOUT_S)
+        code, output = graph.run("lifecycle", "set", node, "shutdown", timeout=START_TIMEOUT_S, launch_may_end=True)
         assert code == 0 and "Transitioning successful" in output, output
         assert launch.wait(60) == 0, launch.output()
         assert "process has finished cleanly" in launch.output() and not launch_log_problems(launch.output()), \
@@ -390,8 +400,7 @@ def test_lifecycle_launch_with_autostart_serves(ros2, tmp_path):
     cleanly."""
     graph = Graph(ros2, tmp_path)
     try:
-        launch = graph.start("launch", "mobilevlm_ros", "vlm_lifecycle.launch.py", "namespace:=/robot10",
-                             f"camera_topic:={CAMERA_TOPIC}", name="launch")
+        launch = graph.start_launch("vlm_lifecycle.launch.py", "namespace:=/robot10", f"camera_topic:={CAMERA_TOPIC}")
         graph.camera()
         wait_for_lifecycle_state(graph, "/robot10/mobilevlm_node", "active")
         qa = next(qa for qa in SCENE.qa if qa.kind == "color" and qa.subject == "box")
