@@ -49,8 +49,17 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     # (an engine read off the freshly loaded model, or None for its torch vision tower).
     fast_paths = choose_fast_paths(config.device, config.dtype, config.quantize or None, config.onednn,
                                    config.cuda_graphs, config.cuda_graph_compile or None)
+    # An adapter is merged into the float weights, so it is applied before the decoder is quantised.
     model, tokenizer = load_checkpoint(config.model_path, config.vision_tower or None, config.device, config.dtype,
-                                       config.quantize or None)
+                                       None if config.adapter else config.quantize or None)
+    if config.adapter:
+        from .finetune.lora import merge_adapter
+        from .model.quantize import quantize_llm
+
+        merged = merge_adapter(model, config.adapter)
+        info(f"adapter: {config.adapter} merged ({len(merged)} weights)")
+        if config.quantize:
+            quantize_llm(model.llm, config.quantize)
     warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
     engine, vision = provision_visual_encoder(config.backend, model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)

@@ -53,6 +53,9 @@ PARAMETERS: tuple[Param, ...] = (
     Param("model_path", "", "MobileVLM checkpoint directory; `~` and `$VARS` are expanded; empty: the bundled demo "
           "model (with a warning in the log and on /diagnostics)"),
     Param("vision_tower", "", "CLIP directory overriding config.json's `mm_vision_tower` (V1 checkpoints)"),
+    Param("adapter", "", "LoRA adapter directory (`mobilevlm-finetune`'s output, or PEFT's from the reference's "
+          "training) merged into `model_path`'s weights at load (before `quantize`); `~` and `$VARS` are "
+          "expanded; empty: none (docs/FINETUNE.md)"),
     Param("device", "cpu", "`cpu`, `cuda` or `cuda:N`"),
     Param("dtype", "float32", "model dtype (`float16` on CUDA only)", choices=DTYPES),
     Param("backend", "torch", "vision encoder + projector backend; once an engine serves, the torch vision tower "
@@ -134,6 +137,7 @@ class NodeConfig:
     model_path: str
     model_is_demo: bool  # model_path was empty: the bundled demo model serves
     vision_tower: str
+    adapter: str
     device: str
     dtype: str
     backend: str
@@ -184,6 +188,8 @@ def read_config(value: Callable[[str], object], check_files: bool = True) -> Nod
     check(not check_files or os.path.isdir(model_path), f"model_path {model_path!r} is not a directory" + (
         " (the bundled demo model is not installed: set model_path to a MobileVLM checkpoint directory)"
         if model_is_demo else ""))
+    adapter = expand_path(v["adapter"])
+    check(not check_files or not adapter or os.path.isdir(adapter), f"adapter {adapter!r} is not a directory")
     device = v["device"]
     check(device == "cpu" or device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()),
           f"device {device!r}: expected cpu, cuda or cuda:N")
@@ -209,6 +215,7 @@ def read_config(value: Callable[[str], object], check_files: bool = True) -> Nod
 
     return NodeConfig(
         model_path=model_path, model_is_demo=model_is_demo, vision_tower=expand_path(v["vision_tower"]),
+        adapter=adapter,
         device=device, dtype=v["dtype"], backend=v["backend"], engines_dir=expand_path(v["engines_dir"]),
         build_engines=v["build_engines"], require_manifest=v["require_manifest"],
         memory_reserve_mb=v["memory_reserve_mb"], max_seq_len=v["max_seq_len"], quantize=v["quantize"],

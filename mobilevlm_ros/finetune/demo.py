@@ -27,6 +27,7 @@ from ..demo.scenes import STOP_OR_GO, answer_matches, make_scene, stop_or_go
 from .lora import LoraSettings
 from .train import FinetuneSettings
 
+SHIPPED_ADAPTER = Path(__file__).resolve().parent / "demo_adapter"  # the proof's adapter (docs/FINETUNE.md)
 TRAIN_SEED = 23
 HELD_OUT_SEED = 20240  # the demo model's own held-out scenes (docs/DEMO_MODEL.md)
 # The proof's settings: the reference's recipe (LoRA on every decoder Linear layer, projector trained, AdamW,
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     data_path = write_dataset(out / "data", args.scenes)
     data_seconds = time.perf_counter() - t0
     settings = replace(PROOF_SETTINGS, epochs=args.epochs)
-    result = finetune(DEFAULT_MODEL_DIR, data_path, out / "adapter", settings, merge=True)
+    result = finetune(DEFAULT_MODEL_DIR, data_path, out / "adapter", settings, merge=True,
+                      log=lambda line: print(line, flush=True))
     before = evaluate_model(DEFAULT_MODEL_DIR, None, args.eval_scenes)
     after = evaluate_model(result.merged_dir, None, args.eval_scenes)
     report = {"command": "python -m mobilevlm_ros.finetune.demo proof " + " ".join(argv or sys.argv[1:]),
