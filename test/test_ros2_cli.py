@@ -26,14 +26,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import CHECKPOINTS
 from mobilevlm_ros.demo import DEFAULT_MODEL_DIR
 from mobilevlm_ros.demo.scenes import answer_matches, caption_classes, make_scene
 from mobilevlm_ros.rosenv import isolated_ros_env
-from requirements import missing
-from rosgraph import wait_until
+from requirements import missing, require_module
+
+yaml = require_module("yaml", "what the ros2 tools print is YAML")
+require_module("rclpy", "the ros2 tools run on it")
+
+from rosgraph import wait_until  # noqa: E402 - imports rclpy
 
 TINY_MODEL = CHECKPOINTS / "MobileVLM_V2-tiny"  # a second model: which one answered shows on /diagnostics
 CAMERA_TOPIC = "/cam/image_raw"
