@@ -271,7 +271,7 @@ for wheel in sys.argv[1:]:
         sys.exit(1)
 PYEOF
   then
-    log "ROS 2 tools already installed (third_party/ros2extra)"
+    log "ROS 2 tools already installed (from ${artifacts#"$REPO"/})"
   else
     log "installing the ROS 2 tools from $artifacts"
     bash "$ROS2EXTRA/install.sh" "$VENV" "$artifacts" | sed 's/^/  /'
