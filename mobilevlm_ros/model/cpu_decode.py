@@ -59,7 +59,17 @@ def _one_token_layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, i
 # A decoder layer's whole one-token step as one compiled graph: norms, RoPE, the cache write, the attention and the
 # products (cpu_linear's layers call one_row_linear) fused, one call instead of dozens (every layer shares the
 # graph; the weights are its inputs).
-one_token_layer = torch.compile(_one_token_layer, dynamic=True)
+_compiled_one_token_layer = torch.compile(_one_token_layer, dynamic=True)
+
+
+def one_token_layer(layer: DecoderLayer, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, kv_len: int,
+                    mask_cache: bool) -> Tensor:
+    """One decode step of a decoder layer: compiled for one row; for a batch of rows ([B, 1, D], B > 1) the layer
+    as written, whose products go to oneDNN's multi-row kernel (cpu_linear.py): it reads each weight once for all
+    rows, where the one-row product would read it once per row, and a compiled graph cannot call it."""
+    if x.shape[0] == 1:
+        return _compiled_one_token_layer(layer, x, cos, sin, input_pos, kv_len, mask_cache)
+    return layer(x, cos, sin, input_pos, kv_len, mask_cache)
 
 
 def compiled_decode_step(model: MobileVLM) -> Callable[[Tensor, int], Tensor]:

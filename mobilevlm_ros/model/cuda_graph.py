@@ -5,7 +5,9 @@ launching them costs more than running them. The step's shapes are fixed once th
 the cache it attends over, so the step is captured once per *bucket* of attended length (256, 512, ... up to the
 cache size) with ``mask_cache=True`` (attend over the whole bucket, masking positions after the current one) and
 replayed. Inputs (token, position) live in static device buffers; nothing is copied to the host but the sampled
-token, as in the eager loop.
+token, as in the eager loop. A batch of B rows (each at its own position, llama.py) is captured per batch size and
+bucket; the bucket is the one of the row furthest on. A KV cache allocated anew for a larger batch
+(MobileLlama.setup_cache) voids the graphs captured over the old one: they are captured again.
 
 ``compile_mode`` (a ``torch.compile`` mode, e.g. "default" or "max-autotune-no-cudagraphs") first runs the step
 through ``torch.compile``, as gpt-fast does: Inductor fuses the many small elementwise kernels (RMSNorm, RoPE,
@@ -32,7 +34,7 @@ def buckets_for(max_seq_len: int, smallest: int = 256) -> list[int]:
 
 
 class CUDAGraphDecoder:
-    """A decode step with ``MobileVLM.decode_step``'s signature: ``(token [1], pos) -> logits [1, V]``."""
+    """A decode step with ``MobileVLM.decode_step``'s signature: ``(token [B], pos) -> logits [B, V]``."""
 
     def __init__(self, model: MobileVLM, warmup: int = 2, smallest_bucket: int = 256,
                  compile_mode: str | None = None):
@@ -47,31 +49,33 @@ class CUDAGraphDecoder:
                                                                       dynamic=False)
         self.warmup = warmup
         self.buckets = buckets_for(llm.max_seq_len, smallest_bucket)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by (batch size, bucket)
+        self.outputs: dict[tuple[int, int], Tensor] = {}
+        # per batch size: token [B] and position buffers ([1] for one row, as MobileVLM.decode_step; [B, 1] else)
+        self.inputs: dict[int, tuple[Tensor, Tensor]] = {}
         self.pool = None
-        self.token: Tensor | None = None
-        self.pos: Tensor | None = None
+        self.cache_shape = (llm.max_seq_len, llm.max_batch)  # the cache the graphs were captured over
 
-    def _step(self, bucket: int) -> Tensor:
-        assert self.token is not None and self.pos is not None
-        return self.forward(self.llm.embed_tokens(self.token)[None], self.pos, bucket, mask_cache=True)
+    def _step(self, key: tuple[int, int]) -> Tensor:
+        rows, bucket = key
+        token, pos = self.inputs[rows]
+        return self.forward(self.llm.embed_tokens(token)[:, None], pos, bucket, mask_cache=True)
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, key: tuple[int, int]) -> None:
         # Warm-up runs (on a side stream, as torch.cuda.graph requires) write this step's own K/V at this step's
         # position: the same values the replay writes next, so the cache is unaffected.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self._step(bucket)
+                self._step(key)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the node captures on its inference thread while other threads may use CUDA
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.outputs[bucket] = self._step(bucket)
-        self.pool = graph.pool()  # buckets share one memory pool: they are never replayed concurrently
-        self.graphs[bucket] = graph
+            self.outputs[key] = self._step(key)
+        self.pool = graph.pool()  # graphs share one memory pool: they are never replayed concurrently
+        self.graphs[key] = graph
 
     def bucket_for(self, pos: int) -> int:
         for b in self.buckets:
@@ -79,22 +83,38 @@ class CUDAGraphDecoder:
                 return b
         raise ValueError(f"position {pos} is beyond the KV cache ({self.llm.max_seq_len} positions)")
 
-    def __call__(self, token: Tensor, pos: int) -> Tensor:
-        if self.token is None:  # created here so that they are inference tensors when generate() runs
-            self.token = torch.zeros(1, dtype=torch.long, device=self.device)
-            self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        assert self.pos is not None
-        self.token.copy_(token.view(1))
-        self.pos.fill_(pos)
-        bucket = self.bucket_for(pos)
-        if bucket not in self.graphs:
-            self._capture(bucket)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket].clone()  # the static output is overwritten by the next replay
+    def __call__(self, token: Tensor, pos: int | list[int]) -> Tensor:
+        cache_shape = (self.llm.max_seq_len, self.llm.max_batch)
+        if cache_shape != self.cache_shape:  # a new cache: the graphs read and write the old one's memory
+            self.graphs.clear()
+            self.outputs.clear()
+            self.pool = None
+            self.cache_shape = cache_shape
+        rows = token.shape[0]
+        if rows not in self.inputs:  # created here so that they are inference tensors when generate() runs
+            positions_shape = (1,) if rows == 1 else (rows, 1)
+            self.inputs[rows] = (torch.zeros(rows, dtype=torch.long, device=self.device),
+                                 torch.zeros(positions_shape, dtype=torch.long, device=self.device))
+        token_buffer, pos_buffer = self.inputs[rows]
+        token_buffer.copy_(token.view(rows))
+        if isinstance(pos, int):
+            pos_buffer.fill_(pos)
+            furthest = pos
+        else:
+            pos_buffer.copy_(torch.tensor(pos).view(pos_buffer.shape))
+            furthest = max(pos)
+        key = (rows, self.bucket_for(furthest))
+        if key not in self.graphs:
+            self._capture(key)
+        self.graphs[key].replay()
+        return self.outputs[key].clone()  # the static output is overwritten by the next replay
 
 
 @torch.inference_mode()
-def eager_masked_step(model: MobileVLM, token: Tensor, pos: int, bucket: int) -> Tensor:
+def eager_masked_step(model: MobileVLM, token: Tensor, pos: int | list[int], bucket: int) -> Tensor:
     """The captured computation run eagerly (same kernels), for checking a replay bit for bit."""
-    input_pos = torch.tensor([pos], device=token.device)
-    return model.llm(model.llm.embed_tokens(token.view(1))[None], input_pos, bucket, mask_cache=True)
+    if isinstance(pos, int):
+        input_pos = torch.tensor([pos], device=token.device)
+    else:
+        input_pos = torch.tensor(pos, device=token.device)[:, None]
+    return model.llm(model.llm.embed_tokens(token.view(-1))[:, None], input_pos, bucket, mask_cache=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,52 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-DecodeStep = Callable[[Tensor, int], Tensor]  # (token [1], position) -> logits [1, V], as MobileVLM.decode_step
+# (tokens [B], position of every row or a list of each row's) -> logits [B, V], as MobileVLM.decode_step
+DecodeStep = Callable[[Tensor, "int | list[int]"], Tensor]
+
+
+class _Row:
+    """One prompt's generation inside a batch: everything generate() keeps for a prompt alone."""
+
+    def __init__(self, prompt_len: int, params: SamplingParams, on_text: Callable[[str, int], None] | None,
+                 cancelled: Callable[[], bool] | None, device: torch.device):
+        self.params, self.on_text, self.cancelled = params, on_text, cancelled
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.pos = prompt_len  # where the next token fed to the decoder goes
+        self.next_token = 0  # the token the next decode step feeds (a finished row's last one, again)
+        self.ids: list[int] = []
+        self.streamed = ""
+        self.stopped_by: str | None = None  # set when the row is finished
+        self.generation: Generation | None = None
+
+    def sample(self, logits: Tensor) -> None:
+        self.next_token = int(sample(logits, self.params, self.generator).item())
+
+    def take(self, tokenizer: Tokenizer) -> None:
+        """Append next_token and decide, as generate() does for one prompt, whether the row goes on."""
+        self.ids.append(self.next_token)
+        reason = stop_reason(self.ids, tokenizer)
+        if reason:
+            self.stopped_by = reason
+            return
+        if self.on_text is not None:
+            stable = _streamable(tokenizer.decode(self.ids))
+            if stable.startswith(self.streamed) and len(stable) > len(self.streamed):
+                self.on_text(stable[len(self.streamed):], len(self.ids))
+                self.streamed = stable
+        if len(self.ids) >= self.params.max_new_tokens:
+            self.stopped_by = "max_new_tokens"
+        elif self.cancelled is not None and self.cancelled():
+            self.stopped_by = "cancelled"
+
+    def finish(self, tokenizer: Tokenizer, prefill_ms: float, decode_ms: float) -> None:
+        text = finish_text(tokenizer.decode(self.ids))
+        if self.on_text is not None and text.startswith(self.streamed) and len(text) > len(self.streamed):
+            self.on_text(text[len(self.streamed):], len(self.ids))
+        self.generation = Generation(ids=self.ids, text=text, stopped_by=self.stopped_by or "cancelled",
+                                     prefill_ms=prefill_ms, decode_ms=decode_ms)
 
 
 @torch.inference_mode()
@@ -107,40 +152,45 @@ def generate(model: MobileVLM, decode_step: DecodeStep, tokenizer: Tokenizer, em
     on_text gets each new stable piece of the answer and the number of tokens generated so far; cancelled is
     polled after the prefill (a cancel that came during it returns no tokens) and between tokens, so a cancel
     takes effect within one token."""
-    device = embeds.device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    return generate_batch(model, decode_step, tokenizer, [embeds], [params], [on_text], [cancelled])[0]
+
+
+@torch.inference_mode()
+def generate_batch(model: MobileVLM, decode_step: DecodeStep, tokenizer: Tokenizer, embeds: Sequence[Tensor],
+                   params: Sequence[SamplingParams], on_text: Sequence[Callable[[str, int], None] | None],
+                   cancelled: Sequence[Callable[[], bool] | None]) -> list[Generation]:
+    """generate() for several prompts at once (embeds[b] [1, T_b, H]; the model's KV cache must hold that many
+    rows): each prompt prefilled into its cache row, then one decode_step per token for the rows still running.
+    Every row runs as generate() runs it alone: its own sampling params and seeded generator, stop rules,
+    streaming callback and cancel; a finished row's answer (and its last streamed piece) is out at once.
+
+    Finished rows stay in the batch until the rows after them finish (fed their last token at their last
+    position, which they no longer read): the decoder runs the first rows up to the last one still running, so
+    removing a row never moves another's cache. A batch of one runs exactly as one prompt alone."""
+    device = embeds[0].device
+    rows = [_Row(e.shape[1], p, f, c, device) for e, p, f, c in zip(embeds, params, on_text, cancelled)]
     start = _now(device)
-    pos = embeds.shape[1]
-    token = sample(model.prefill(embeds), params, generator)
+    for b, (row, prompt) in enumerate(zip(rows, embeds)):  # alone, as generate() would (llama.py says why)
+        row.sample(model.prefill(prompt, b))
     first = _now(device)
-    if cancelled is not None and cancelled():
-        return Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=(first - start) * 1e3, decode_ms=0.0)
-    ids: list[int] = []
-    streamed = ""
-    stopped_by = "max_new_tokens"
+    prefill_ms = (first - start) * 1e3
+    for row in rows:
+        if row.cancelled is not None and row.cancelled():  # a cancel that came during the prefill: no tokens
+            row.finish(tokenizer, prefill_ms, 0.0)
     while True:
-        ids.append(int(token.item()))
-        reason = stop_reason(ids, tokenizer)
-        if reason:
-            stopped_by = reason
+        for row in rows:
+            if row.generation is None:
+                row.take(tokenizer)
+                if row.stopped_by is not None:
+                    row.finish(tokenizer, prefill_ms, (_now(device) - first) * 1e3)
+        running = [b for b, row in enumerate(rows) if row.generation is None]
+        if not running:
             break
-        if on_text is not None:
-            stable = _streamable(tokenizer.decode(ids))
-            if stable.startswith(streamed) and len(stable) > len(streamed):
-                on_text(stable[len(streamed):], len(ids))
-                streamed = stable
-        if len(ids) >= params.max_new_tokens:
-            break
-        if cancelled is not None and cancelled():
-            stopped_by = "cancelled"
-            break
-        token = sample(decode_step(token, pos), params, generator)
-        pos += 1
-    end = _now(device)
-    text = finish_text(tokenizer.decode(ids))
-    if on_text is not None and text.startswith(streamed) and len(text) > len(streamed):
-        on_text(text[len(streamed):], len(ids))
-    return Generation(ids=ids, text=text, stopped_by=stopped_by,
-                      prefill_ms=(first - start) * 1e3, decode_ms=(end - first) * 1e3)
+        active = rows[:running[-1] + 1]
+        tokens = torch.tensor([row.next_token for row in active], device=device)
+        positions = [row.pos for row in active]
+        logits = decode_step(tokens, positions[0] if len(active) == 1 else positions)
+        for b in running:
+            rows[b].sample(logits[b:b + 1])
+            rows[b].pos += 1
+    return [row.generation for row in rows]

@@ -3,6 +3,15 @@
 Parameter names are the Hugging Face LlamaForCausalLM ones (``embed_tokens``, ``layers.{i}.self_attn.q_proj``,
 ...) so the published weights load as they are. The cache is allocated once for ``max_seq_len`` positions:
 prefill writes the whole prompt, then each decode step writes one position and attends over the filled prefix.
+
+Batches are the first dimension, as in gpt-fast. Every row of a batch sits in its own cache row at its own
+positions, from 0, exactly where it would sit alone: each prompt is prefilled alone into its row (``first_row``),
+and each decode step gives each row its own position and a mask over its own filled prefix (positions past it may
+hold another request's leftovers). A row's cache entries and RoPE angles are then those it has alone, bit for bit
+after the prefill; its decode steps differ only in summation order. Left padding, the other common layout, shifts
+every row's positions by its padding; and a padded prefill changes what a layer that quantises its input per call
+(int8-dynamic) sees, while prefilling alone costs nothing on the CPU, where a prompt's products are already
+compute-bound.
 """
 from __future__ import annotations
 
@@ -25,10 +34,19 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, first_row: int = 0) -> tuple[Tensor, Tensor]:
+        """k, v [B, H, T, D] into B cache rows from first_row (which are returned) at input_pos: [T] for every
+        row at the same positions, [B, T] for each row at its own."""
+        b = k.shape[0]
+        k_cache, v_cache = self.k_cache[first_row:first_row + b], self.v_cache[first_row:first_row + b]
+        if input_pos.dim() == 1:
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
+        else:
+            rows = torch.arange(b, device=k.device)[:, None]
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, H, D]
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return k_cache, v_cache
 
 
 class RMSNorm(nn.Module):
@@ -53,7 +71,7 @@ def rope_tables(max_seq_len: int, head_dim: int, base: float) -> tuple[Tensor, T
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]; cos/sin [T, D] already in x's dtype."""
+    """x [B, H, T, D]; cos/sin [T, D] (every row at the same positions) or [B, 1, T, D], in x's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -73,27 +91,30 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
-                mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention
-                ) -> Tensor:
-        """attend_one_query(q, k, v): one new token over the filled cache, unmasked (cpu_decode.py passes a
-        compiled kernel for its decode steps)."""
+                mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention,
+                first_row: int = 0) -> Tensor:
+        """x's rows use the cache's rows from first_row. input_pos: [T] (every row at these positions) or [B, T]
+        (each row at its own). attend_one_query(q, k, v): one new token per row over the filled cache when every
+        row is at the same position, unmasked (cpu_decode.py passes a compiled kernel for its decode steps)."""
         b, t, d = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, first_row)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if self.kv_cache is None:  # training: the sequence attends causally to itself, nothing is kept
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif t == 1 and not mask_cache:  # one new token sees the whole filled prefix: no mask needed
+        elif t == 1 and not mask_cache and input_pos.dim() == 1:  # sees the whole filled prefix: no mask needed
             y = attend_one_query(q, k, v)
         else:
-            mask = torch.arange(kv_len, device=x.device)[None, :] <= input_pos[:, None]
+            mask = torch.arange(kv_len, device=x.device) <= input_pos[..., None]  # [T, S] or [B, T, S]
+            if mask.dim() == 3:
+                mask = mask[:, None]  # each row's own, for all heads
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -118,9 +139,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
-                mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention
-                ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache, attend_one_query)
+                mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention,
+                first_row: int = 0) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache, attend_one_query,
+                               first_row)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -136,11 +158,13 @@ class MobileLlama(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.max_seq_len = 0
+        self.max_batch = 0  # rows the KV cache holds
 
     def setup_cache(self, max_seq_len: int, batch: int = 1) -> None:
-        """Allocate the KV cache and RoPE tables once; later requests reuse them."""
+        """Allocate the KV cache and RoPE tables once; later requests reuse them. A larger batch than the cache
+        holds allocates it anew for that many rows (what it held is gone: call it between requests)."""
         max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
-        if max_seq_len == self.max_seq_len:
+        if max_seq_len == self.max_seq_len and batch <= self.max_batch:
             return
         weight = self.embed_tokens.weight  # not lm_head's: that may be quantised (quantize.py)
         for layer in self.layers:
@@ -149,11 +173,13 @@ class MobileLlama(nn.Module):
         cos, sin = rope_tables(max_seq_len, self.config.head_dim, self.config.rope_theta)
         self.register_buffer("rope_cos", cos.to(weight.device, weight.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(weight.device, weight.dtype), persistent=False)
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.max_batch = max_seq_len, batch
 
     def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int, mask_cache: bool = False,
-                run_layer: RunLayer | None = None) -> Tensor:
-        """embeds [B, T, D] at positions input_pos [T]; kv_len = positions filled after this call.
+                run_layer: RunLayer | None = None, first_row: int = 0) -> Tensor:
+        """embeds [B, T, D] at positions input_pos, [T] for every row or [B, T] for each row its own, in the KV
+        cache's rows first_row..first_row + B; kv_len = positions filled after this call (in the row that has the
+        most).
 
         Returns the logits of the last position only [B, V]: generation never needs the others.
         mask_cache=True attends over the first kv_len cache positions with a mask (cache position <= input_pos)
@@ -163,10 +189,12 @@ class MobileLlama(nn.Module):
         of calling it (cpu_decode.py passes a compiled one for its decode steps).
         """
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        if input_pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]: each row's angles, for all heads
         x = embeds
         for layer in self.layers:
             if run_layer is None:
-                x = layer(x, cos, sin, input_pos, kv_len, mask_cache)
+                x = layer(x, cos, sin, input_pos, kv_len, mask_cache, first_row=first_row)
             else:
                 x = run_layer(layer, x, cos, sin, input_pos, kv_len, mask_cache)
         return self.lm_head(self.norm(x[:, -1]))

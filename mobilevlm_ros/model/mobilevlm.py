@@ -61,13 +61,17 @@ class MobileVLM(nn.Module):
             pieces.append(embed(torch.tensor(text, device=device)))
         return torch.cat(pieces)[None]
 
-    def prefill(self, embeds: Tensor) -> Tensor:
-        """Run the whole prompt from position 0; returns the last position's logits [1, V]."""
+    def prefill(self, embeds: Tensor, row: int = 0) -> Tensor:
+        """Run the whole prompt [1, T, H] from position 0 into the KV cache's row; returns the last position's
+        logits [1, V]."""
         t = embeds.shape[1]
-        return self.llm(embeds, torch.arange(t, device=embeds.device), t)
+        return self.llm(embeds, torch.arange(t, device=embeds.device), t, first_row=row)
 
-    def decode_step(self, token: Tensor, pos: int, run_layer: RunLayer | None = None) -> Tensor:
-        """One new token [1] at position pos, attending over the cache; returns logits [1, V]. run_layer: see
-        MobileLlama.forward."""
-        input_pos = torch.tensor([pos], device=token.device)
-        return self.llm(self.llm.embed_tokens(token)[None], input_pos, pos + 1, run_layer=run_layer)
+    def decode_step(self, token: Tensor, pos: int | list[int], run_layer: RunLayer | None = None) -> Tensor:
+        """One new token per row, token [B], attending over the cache; returns logits [B, V]. pos: the position
+        of every row (an int) or of each row (a list). run_layer: see MobileLlama.forward."""
+        if isinstance(pos, int):
+            input_pos, kv_len = torch.tensor([pos], device=token.device), pos + 1
+        else:
+            input_pos, kv_len = torch.tensor(pos, device=token.device)[:, None], max(pos) + 1
+        return self.llm(self.llm.embed_tokens(token)[:, None], input_pos, kv_len, run_layer=run_layer)

@@ -22,7 +22,7 @@ from ..options import COMPILE_MODES, DTYPES, QUANTIZE_MODES
 from .cpu_linear import available as onednn_available, use_onednn_in_mobilevlm
 from .cuda_graph import CUDAGraphDecoder
 from .errors import PromptTooLongError
-from .generate import DecodeStep, Generation, SamplingParams, generate
+from .generate import DecodeStep, Generation, SamplingParams, generate_batch
 from .image import preprocess
 from .loader import TORCH_DTYPES, load_model
 from .mobilevlm import MobileVLM
@@ -190,32 +190,69 @@ class MobileVLMPipeline:
         """Answer the last user turn about the image. turns: one question, or user/assistant/.../user texts.
         cancelled is polled after the vision encode, after the prefill and between tokens: a cancel during the
         encode or the prefill returns no tokens, a later one stops within one token (stopped_by "cancelled")."""
-        params.validate()
+        return self.ask_batch([image], [turns], params, [on_text], [cancelled])[0]
+
+    @torch.inference_mode()
+    def ask_batch(self, images: Sequence[Image.Image | np.ndarray], turns: Sequence[str | Sequence[str]],
+                  params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                  on_text: Sequence[Callable[[str, int], None] | None] | None = None,
+                  cancelled: Sequence[Callable[[], bool] | None] | None = None) -> list[Answer]:
+        """ask() for several images at once, each with its own turns (and, given a list, its own params,
+        on_text and cancelled): one batched vision encode, prefill and decode (generate.generate_batch), and
+        each answer the one ask() gives for that image alone (greedy: the same ids; float32 logits within
+        summation order). Every row is checked (check_fits, params) before any work. A row cancelled during the
+        encode skips the prefill; the others go on."""
+        n = len(images)
+        if len(turns) != n:
+            raise ValueError(f"{n} images but {len(turns)} questions: give one question (or turn list) per image")
+        row_params = [params] * n if isinstance(params, SamplingParams) else list(params)
+        row_on_text = list(on_text) if on_text is not None else [None] * n
+        row_cancelled = list(cancelled) if cancelled is not None else [None] * n
+        if not n == len(row_params) == len(row_on_text) == len(row_cancelled):
+            raise ValueError("params, on_text and cancelled need one entry per image")
+        for p in row_params:
+            p.validate()
         start = time.perf_counter()
-        input_ids = self.prompt_ids(turns)
-        self.check_fits(input_ids, params.max_new_tokens)
-        pixels = self.pixel_values(image)
+        input_ids = [self.prompt_ids(t) for t in turns]
+        for ids, p in zip(input_ids, row_params):
+            self.check_fits(ids, p.max_new_tokens)
+        pixels = torch.cat([self.pixel_values(image) for image in images])
         preprocessed = time.perf_counter()
         image_tokens = self.encode_images(pixels.to(self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         encoded = time.perf_counter()
-        embeds = self.model.embed_prompt(input_ids, image_tokens)
+        embeds = [self.model.embed_prompt(ids, image_tokens[b:b + 1]) for b, ids in enumerate(input_ids)]
         embedded = time.perf_counter()
-        if cancelled is not None and cancelled():
-            out = Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=0.0, decode_ms=0.0)
-        else:
-            out = generate(self.model, self.decode_step, self.tokenizer, embeds, params, on_text, cancelled)
+        outs: list[Generation | None] = [None] * n
+        go = []
+        for b in range(n):
+            if row_cancelled[b] is not None and row_cancelled[b]():
+                outs[b] = Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=0.0, decode_ms=0.0)
+            else:
+                go.append(b)
+        if go:
+            self.model.llm.setup_cache(self.max_seq_len, len(go))
+            generated = generate_batch(self.model, self.decode_step, self.tokenizer, [embeds[b] for b in go],
+                                       [row_params[b] for b in go], [row_on_text[b] for b in go],
+                                       [row_cancelled[b] for b in go])
+            for b, out in zip(go, generated):
+                outs[b] = out
         total_ms = (time.perf_counter() - start) * 1e3
-        decode_tokens = max(len(out.ids) - 1, 0)  # the first token comes out of the prefill
-        timings = {
-            "preprocess_ms": (preprocessed - start) * 1e3,
-            "vision_ms": (encoded - preprocessed) * 1e3,
-            "prefill_ms": out.prefill_ms,
-            "prefill_tokens": float(embeds.shape[1]),
-            "ttft_ms": (embedded - start) * 1e3 + out.prefill_ms,
-            "decode_ms": out.decode_ms,
-            "decode_tokens_per_s": decode_tokens / (out.decode_ms / 1e3) if decode_tokens and out.decode_ms else 0.0,
-            "total_ms": total_ms,
-        }
-        return Answer(out.text, input_ids, out.ids, out.stopped_by, timings)
+        answers = []
+        for b, out in enumerate(outs):
+            assert out is not None
+            decode_tokens = max(len(out.ids) - 1, 0)  # the first token comes out of the prefill
+            timings = {
+                "preprocess_ms": (preprocessed - start) * 1e3,
+                "vision_ms": (encoded - preprocessed) * 1e3,
+                "prefill_ms": out.prefill_ms,
+                "prefill_tokens": float(embeds[b].shape[1]),
+                "ttft_ms": (embedded - start) * 1e3 + out.prefill_ms,
+                "decode_ms": out.decode_ms,
+                "decode_tokens_per_s": (decode_tokens / (out.decode_ms / 1e3)
+                                        if decode_tokens and out.decode_ms else 0.0),
+                "total_ms": total_ms,
+            }
+            answers.append(Answer(out.text, input_ids[b], out.ids, out.stopped_by, timings))
+        return answers

@@ -4,7 +4,7 @@ Modes (``quantize_llm(llm, mode)``):
 
 - ``int8``: weight-only int8, one symmetric scale per output channel; ``aten._weight_int8pack_mm`` (CPU kernel).
 - ``int8-dynamic``: int8 weights and int8 activations quantised per call (fbgemm through
-  ``torch.ao.quantization.quantize_dynamic``'s module type); the fastest int8 on x86 CPUs with AVX2.
+  ``torch.ao.quantization.quantize_dynamic``'s module type), per batch row; the fastest int8 on x86 CPUs with AVX2.
 - ``int4``: weight-only int4 with one scale and zero point per group of ``groupsize`` input channels (asymmetric,
   as gpt-fast's int4); ``aten._weight_int4pack_mm_for_cpu``.
 
@@ -119,15 +119,19 @@ def _dynamic_int8(linear: nn.Linear) -> nn.Module:
         return DynamicQuantizedLinear.from_float(linear.float())
 
 
-class _FloatIO(nn.Module):
-    """Runs a float32-only module (fbgemm) inside a bfloat16/float16 model."""
+class DynamicInt8Linear(nn.Module):
+    """fbgemm's dynamically quantised Linear (float32 only) in a model of any float dtype, one batch row at a time:
+    it quantises its input with one range per call, so rows run together would change each other's answers
+    (a batch must answer each row as it is answered alone)."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x.float()).to(x.dtype)
+        if x.shape[0] == 1:
+            return self.inner(x.float()).to(x.dtype)
+        return torch.cat([self.inner(row.float()) for row in x.split(1)]).to(x.dtype)
 
 
 def quantize_linear(linear: nn.Linear, mode: str, groupsize: int = 32) -> nn.Module:
@@ -136,9 +140,7 @@ def quantize_linear(linear: nn.Linear, mode: str, groupsize: int = 32) -> nn.Mod
     if mode == "int4":
         return Int4WeightOnlyLinear.from_linear(linear, groupsize)
     if mode == "int8-dynamic":
-        dtype = linear.weight.dtype
-        q = _dynamic_int8(linear)
-        return q if dtype == torch.float32 else _FloatIO(q)
+        return DynamicInt8Linear(_dynamic_int8(linear))
     raise ValueError(f"unknown quantisation {mode!r} (choose from {', '.join(QUANTIZE_MODES)})")
 
 
