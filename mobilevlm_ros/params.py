@@ -90,6 +90,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("queue_length", 4, "requests that may wait behind the running one; more answer `BUSY`", minimum=1,
           maximum=MAX_QUEUE_LENGTH),
     Param("max_question_chars", 2000, "longer questions answer `BAD_REQUEST`", minimum=1),
+    Param("max_batch", 4, "requests (questions to any cameras, the captions of a tick) the worker runs as one "
+          "batch when they are ready together, each answered exactly as alone; a lone request never waits for "
+          "company. Each row holds its own KV cache (`max_seq_len` positions), allocated when a batch that large "
+          "first runs", minimum=1, maximum=MAX_QUEUE_LENGTH),
     Param("caption_rate_hz", 0.5, "caption timer (0: off); a tick is skipped while the worker is busy or the "
           "frame is unchanged", minimum=0.0, live=True),
     Param("caption_prompt", "Describe the scene.", "the caption question", live=True),
@@ -224,7 +228,8 @@ def read_config(value: Callable[[str], object], check_files: bool = True) -> Nod
         server=ServerConfig(cameras=tuple(camera_ids), default_camera=default_camera,
                             frame_age_from=v["frame_age_from"], max_frame_age_s=v["max_frame_age_s"],
                             max_new_tokens=v["max_new_tokens"], temperature=v["temperature"],
-                            queue_length=v["queue_length"], max_question_chars=v["max_question_chars"]),
+                            queue_length=v["queue_length"], max_question_chars=v["max_question_chars"],
+                            max_batch=v["max_batch"]),
         caption_rate_hz=v["caption_rate_hz"], caption_prompt=v["caption_prompt"],
         caption_cameras=tuple(caption_cameras), caption_max_new_tokens=v["caption_max_new_tokens"],
         diagnostics_period_s=v["diagnostics_period_s"], deactivate_timeout_s=v["deactivate_timeout_s"])

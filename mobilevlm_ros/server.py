@@ -8,6 +8,10 @@ lives here, testable without DDS.
 Threading: ``submit`` never blocks (a full queue answers BUSY at once); the model runs only on the worker thread;
 a job's ``done`` event is set exactly once, on every path (answer, error, cancel, shutdown), so no caller waits
 forever. Cancelling a job that still waits in the queue answers it CANCELLED at once.
+
+Batching: the worker takes every job that is waiting when it is free, up to ``max_batch``, and runs them as one
+batch (MobileVLMPipeline.ask_batch: each answer is the one the job gets alone); it never waits for more to come.
+A lone job goes through MobileVLMPipeline.ask.
 """
 from __future__ import annotations
 
@@ -138,6 +142,7 @@ class ServerConfig:
     temperature: float = 0.0
     queue_length: int = 4
     max_question_chars: int = 2000
+    max_batch: int = 1  # jobs the worker runs together
     latency_window: int = 200  # requests kept for the latency percentiles
 
 
@@ -192,7 +197,7 @@ class SceneServer:
         self._state_lock = threading.Lock()
         self._work = threading.Condition(self._state_lock)  # the worker waits on it for jobs or the stop
         self._queue: deque[Job] = deque()
-        self._current: Job | None = None
+        self._current: list[Job] = []  # the batch the worker runs
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="mobilevlm-inference", daemon=True)
         self._worker.start()
@@ -222,18 +227,29 @@ class SceneServer:
                        last_seq: int) -> Job | None:
         """A caption of the newest frame, only if the worker is idle and the frame is newer than last_seq:
         captions never queue behind (or ahead of) questions and never repeat an unchanged frame."""
-        frame = self.frames.latest(camera_id)
-        if frame is None or frame.seq <= last_seq or self._frame_problem(camera_id, frame) is not None:
-            return None
+        return self.submit_captions({camera_id: last_seq}, prompt, max_new_tokens).get(camera_id)
+
+    def submit_captions(self, last_seqs: dict[str, int], prompt: str, max_new_tokens: int) -> dict[str, Job]:
+        """submit_caption for several cameras (camera id -> its last captioned seq) at once: the jobs of the
+        cameras with a new frame are queued together, so the worker runs them as one batch (up to max_batch)."""
+        frames = {}
+        for camera_id, last_seq in last_seqs.items():
+            frame = self.frames.latest(camera_id)
+            if frame is not None and frame.seq > last_seq and self._frame_problem(camera_id, frame) is None:
+                frames[camera_id] = frame
+        if not frames:
+            return {}
         with self._state_lock:
-            if self._closed or self._current is not None or self._queue:
+            if self._closed or self._current or self._queue:
                 with self._stats_lock:
-                    self.stats.captions_skipped += 1
-                return None
-            job = Job(SceneRequest(prompt, camera_id), camera_id, SamplingParams(max_new_tokens=max_new_tokens),
-                      is_caption=True, not_before_seq=frame.seq)
-            self._put(job)
-        return job
+                    self.stats.captions_skipped += len(frames)
+                return {}
+            jobs = {camera_id: Job(SceneRequest(prompt, camera_id), camera_id,
+                                   SamplingParams(max_new_tokens=max_new_tokens), is_caption=True,
+                                   not_before_seq=frame.seq) for camera_id, frame in frames.items()}
+            for job in jobs.values():
+                self._put(job)
+        return jobs
 
     def caption_fits(self, prompt: str, max_new_tokens: int) -> str | None:
         """Why a caption prompt cannot run in this model's context, or None."""
@@ -325,16 +341,36 @@ class SceneServer:
                 self._work.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:
                     return  # closed, and shutdown answered everything that was queued
-                job = self._current = self._queue.popleft()
+                batch = min(len(self._queue), self.config.max_batch)
+                jobs = self._current = [self._queue.popleft() for _ in range(batch)]
             try:
-                self._finish(job, self._answer(job))
+                self._answer(jobs)
             except Exception as e:  # the worker must survive anything the model throws
-                self._finish(job, _failure(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {e}", job.camera_id))
+                for job in jobs:
+                    if not job.done:
+                        self._finish(job, _failure(ErrorCode.INFERENCE_FAILED, f"{type(e).__name__}: {e}",
+                                                   job.camera_id))
             finally:
                 with self._state_lock:
-                    self._current = None
+                    self._current = []
 
-    def _answer(self, job: Job) -> SceneResult:
+    def _answer(self, jobs: list[Job]) -> None:
+        """Answer jobs: those that cannot run (cancelled, shutting down, frame problems) at once, the others in
+        one batch (a model failure fails every job of it: _run)."""
+        ready: list[tuple[Job, Frame, object]] = []
+        for job in jobs:
+            prepared = self._prepare(job)
+            if isinstance(prepared, SceneResult):
+                self._finish(job, prepared)
+            else:
+                ready.append((job, *prepared))
+        if not ready:
+            return
+        for (job, frame, _), answer in zip(ready, self._infer(ready)):
+            self._finish(job, self._result(job, frame, answer))
+
+    def _prepare(self, job: Job) -> SceneResult | tuple[Frame, object]:
+        """The frame a job answers about and its image, or why it does not run."""
         if job.cancelled:
             return _failure(ErrorCode.CANCELLED, "cancelled before inference started", job.camera_id)
         if self._closed:
@@ -346,9 +382,25 @@ class SceneServer:
         if problem is not None:
             return problem
         try:
-            image = frame.rgb()
+            return frame, frame.rgb()
         except FrameError as e:
             return _failure(e.code, e.message, job.camera_id, frame)
+
+    def _infer(self, ready: list[tuple[Job, Frame, object]]) -> list:
+        """The pipeline's answers for the ready jobs: ask for one, ask_batch for several."""
+        on_text = [self._streamer(job) for job, _, _ in ready]
+        cancelled = [lambda job=job: job.cancelled or self._closed for job, _, _ in ready]
+        if len(ready) == 1:
+            job, _, image = ready[0]
+            return [self.pipeline.ask(image, job.request.question.strip(), job.params, on_text=on_text[0],
+                                      cancelled=cancelled[0])]
+        return self.pipeline.ask_batch([image for _, _, image in ready],
+                                       [job.request.question.strip() for job, _, _ in ready],
+                                       [job.params for job, _, _ in ready], on_text=on_text, cancelled=cancelled)
+
+    @staticmethod
+    def _streamer(job: Job) -> Callable[[str, int], None]:
+        """The pipeline's on_text for a job: each piece with the partial answer so far, to the job's on_text."""
         partial: list[str] = []
 
         def on_text(piece: str, tokens: int) -> None:
@@ -356,8 +408,9 @@ class SceneServer:
             if job.on_text is not None:
                 job.on_text(piece, "".join(partial), tokens)
 
-        answer = self.pipeline.ask(image, job.request.question.strip(), job.params, on_text=on_text,
-                                   cancelled=lambda: job.cancelled or self._closed)
+        return on_text
+
+    def _result(self, job: Job, frame: Frame, answer) -> SceneResult:
         t = answer.timings
         result = SceneResult(success=True, answer=answer.text, camera_id=job.camera_id, frame=frame,
                              tokens_generated=len(answer.generated_ids), vision_ms=t["preprocess_ms"] + t["vision_ms"],
@@ -378,7 +431,7 @@ class SceneServer:
     @property
     def busy(self) -> bool:
         with self._state_lock:
-            return self._current is not None or bool(self._queue)
+            return bool(self._current) or bool(self._queue)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Refuse new work, answer every queued job with SHUTTING_DOWN, stop the running one within a token."""

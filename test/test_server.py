@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import CHECKPOINTS, REFERENCE, golden_cases
 from mobilevlm_ros.camera import Frame, FrameAge, FrameStore
-from mobilevlm_ros.model import MobileVLMPipeline
+from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams
 from mobilevlm_ros.server import AdmissionGate, ErrorCode, SceneRequest, SceneServer, ServerConfig, Stats
 
 RGB = np.asarray(Image.open(REFERENCE / "images" / "img0_street_500x300_rgb.png").convert("RGB"))
@@ -43,8 +43,8 @@ def raw_frame(camera_id="front", seq=0, received=1000.0, encoding="rgb8", data=N
 
 
 def make_server(pipeline, clock=None, frame_age_from="stamp", **overrides):
-    config = ServerConfig(cameras=("front", "rear"), default_camera="front", max_frame_age_s=1.0,
-                          max_new_tokens=8, queue_length=2, frame_age_from=frame_age_from, **overrides)
+    config = ServerConfig(**{"cameras": ("front", "rear"), "default_camera": "front", "max_frame_age_s": 1.0,
+                             "max_new_tokens": 8, "queue_length": 2, "frame_age_from": frame_age_from, **overrides})
     frames = FrameStore()
     clock = clock or Clock()
     server = SceneServer(pipeline, frames, config, FrameAge(frame_age_from, now_ns=clock.ns, monotonic=clock))
@@ -275,4 +275,89 @@ def test_captions_only_when_idle_and_frame_is_new(pipeline):
     assert job.wait(60).success
     assert server.submit_caption("front", "Describe the scene.", 4, last_seq=5) is None  # same frame
     assert server.stats.captions == 1 and server.stats.captions_skipped == 1
+    server.shutdown()
+
+
+class RecordingPipeline:
+    """The real pipeline, recording how many jobs each call of the worker runs together (ask: one)."""
+
+    def __init__(self, pipeline):
+        self._pipeline = pipeline
+        self.batches: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def ask(self, *args, **kwargs):
+        self.batches.append(1)
+        return self._pipeline.ask(*args, **kwargs)
+
+    def ask_batch(self, images, *args, **kwargs):
+        self.batches.append(len(images))
+        return self._pipeline.ask_batch(images, *args, **kwargs)
+
+
+REAR = np.asarray(Image.open(REFERENCE / "images" / "img1_robot_240x420_rgba.png").convert("RGB").resize((500, 300)))
+
+
+def _two_cameras(frames):
+    frames.put(raw_frame("front", received=time.monotonic() + 600))
+    frames.put(raw_frame("rear", received=time.monotonic() + 600, data=REAR.tobytes()))
+
+
+def _alone(pipeline, result, question, max_new_tokens):
+    return pipeline.ask(result.frame.rgb(), question, SamplingParams(max_new_tokens=max_new_tokens))
+
+
+@pytest.mark.parametrize("max_batch,batches", [(4, [1, 4]), (3, [1, 3, 1])])
+def test_jobs_ready_together_run_as_one_batch_and_answer_as_alone(pipeline, max_batch, batches):
+    """While the worker runs a lone job (at once: it does not wait for company), four questions to two cameras
+    queue up; the worker then takes up to max_batch of them as one batch, and each answer is the one the same
+    question about the same frame gets alone."""
+    recording = RecordingPipeline(pipeline)
+    server, frames = make_server(recording, frame_age_from="arrival", queue_length=4, max_batch=max_batch)
+    _two_cameras(frames)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(*_):
+        started.set()
+        release.wait(60)
+
+    first = server.submit(SceneRequest("q", max_new_tokens=300), on_text=hold)
+    assert started.wait(60)
+    questions = [case["turns"][0] for case in golden_cases("MobileVLM_V2-tiny")[:3]]
+    asked = [("front", questions[0], 8), ("rear", questions[1], 4), ("front", questions[2], 6),
+             ("rear", questions[0], 8)]
+    streamed: list[list[str]] = [[] for _ in asked]
+    jobs = [server.submit(SceneRequest(question, camera, max_new_tokens=tokens),
+                          on_text=lambda delta, partial, n, row=row: row.append(delta))
+            for (camera, question, tokens), row in zip(asked, streamed)]
+    first.cancel()
+    release.set()
+    assert first.wait(60).error_code == ErrorCode.CANCELLED
+    results = [job.wait(120) for job in jobs]
+    assert recording.batches == batches
+    for (camera, question, tokens), result, pieces in zip(asked, results, streamed):
+        assert result.success and result.camera_id == camera, result
+        alone = _alone(pipeline, result, question, tokens)
+        assert result.answer == alone.text == "".join(pieces)
+        assert result.tokens_generated == len(alone.generated_ids)
+    assert server.stats.answered == 4
+    server.shutdown()
+
+
+def test_captions_of_all_cameras_in_one_batch(pipeline):
+    recording = RecordingPipeline(pipeline)
+    server, frames = make_server(recording, frame_age_from="arrival", max_batch=4)
+    assert server.submit_captions({"front": -1, "rear": -1}, "Describe the scene.", 6) == {}  # no frames yet
+    _two_cameras(frames)
+    jobs = server.submit_captions({"front": -1, "rear": -1}, "Describe the scene.", 6)
+    assert set(jobs) == {"front", "rear"}
+    assert server.submit_captions({"front": -1, "rear": -1}, "Describe the scene.", 6) == {}  # busy: skipped
+    results = {camera: job.wait(60) for camera, job in jobs.items()}
+    assert recording.batches == [2]
+    for camera, result in results.items():
+        assert result.success and result.camera_id == camera and result.frame.camera_id == camera
+        assert result.answer == _alone(pipeline, result, "Describe the scene.", 6).text
+    assert server.stats.captions == 2 and server.stats.captions_skipped == 2
     server.shutdown()

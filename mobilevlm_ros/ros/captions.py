@@ -1,5 +1,6 @@
-"""Captions: on each tick, a caption job per caption camera whose newest frame is new (only while the worker is
-idle: captions never delay questions), published on ``caption`` with the header of the frame it describes."""
+"""Captions: on each tick, a caption job per caption camera whose newest frame is new, submitted together so the
+worker runs them as one batch (only while the worker is idle: captions never delay questions), each published on
+``caption`` with the header of the frame it describes."""
 from __future__ import annotations
 
 from rclpy.node import Node
@@ -47,11 +48,11 @@ class Captions:
         server = self._server
         if server is None:
             return
-        for camera_id in self.cameras:
-            job = server.submit_caption(camera_id, self.prompt, self.max_new_tokens, self._last_seq[camera_id])
-            if job is not None:
-                self._last_seq[camera_id] = job.not_before_seq
-                job.add_done_callback(self._publish)
+        jobs = server.submit_captions({camera_id: self._last_seq[camera_id] for camera_id in self.cameras},
+                                      self.prompt, self.max_new_tokens)
+        for camera_id, job in jobs.items():
+            self._last_seq[camera_id] = job.not_before_seq
+            job.add_done_callback(self._publish)
 
     def _publish(self, job: Job) -> None:
         result = job.result
