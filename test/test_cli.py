@@ -76,3 +76,31 @@ def test_bad_chat_files(tmp_path):
         chat.write_text(content)
         proc = ask("--model", MODEL, "--image", IMAGE, "--chat", str(chat))
         assert proc.returncode != 0 and message in proc.stderr
+
+
+def test_several_images_one_batch_json_list_equals_each_alone(capsys):
+    """--image given several times: the same question about each, in one batch; --json prints a list of the
+    single-image objects in order, each what the command prints for that image alone (timings apart)."""
+    from mobilevlm_ros.cli.ask import main
+
+    case = golden_cases("MobileVLM_V2-tiny")[0]
+    images = [str(p) for p in sorted((REFERENCE / "images").iterdir())]
+    common = ["--model", MODEL, "--max-new-tokens", "16", "--json", case["turns"][0]]
+    assert main([arg for path in images for arg in ("--image", path)] + common) == 0
+    batch = json.loads(capsys.readouterr().out)
+    assert isinstance(batch, list) and len(batch) == len(images)
+    for path, got in zip(images, batch):
+        assert main(["--image", path] + common) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert got.keys() == alone.keys()
+        assert {k: v for k, v in got.items() if k != "timings"} == {k: v for k, v in alone.items() if k != "timings"}
+        if path == str(REFERENCE / case["image"]):
+            assert got["generated_ids"] == case["generated_ids"] and got["answer"] == case["output_text"]
+
+
+def test_several_images_plain_text_one_line_each():
+    proc = ask("--model", MODEL, "--image", IMAGE, "--image", IMAGE, "--max-new-tokens", "16",
+               "What is the robot doing on the street?")
+    assert proc.returncode == 0
+    answer = "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer, as streamed alone
+    assert proc.stdout.splitlines() == [f"{IMAGE}: {answer}"] * 2

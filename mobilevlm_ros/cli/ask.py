@@ -1,4 +1,4 @@
-"""mobilevlm-ask: try a MobileVLM checkpoint on one image, without ROS."""
+"""mobilevlm-ask: try a MobileVLM checkpoint on an image (or several, in one batch), without ROS."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="MobileVLM checkpoint directory (default: the bundled demo model)")
     p.add_argument("--vision-tower", type=expand_path,
                    help="CLIP directory, overriding config.json's mm_vision_tower")
-    p.add_argument("--image", type=expand_path, required=True, help="image file (JPEG, PNG, ...)")
+    p.add_argument("--image", type=expand_path, required=True, action="append",
+                   help="image file (JPEG, PNG, ...); given several times, the same question is asked about each, "
+                   "all in one batch")
     p.add_argument("--chat", type=expand_path,
                    help="JSON list of turns: user, assistant, ..., user (the image goes with the first)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -40,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="vision encoder backend (engines are built once and cached under --engines)")
     p.add_argument("--engines", type=expand_path, default="engines", help="engine cache directory for --backend")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the answer text")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object instead of the answer text (several images: a list of them, in order)")
     return p
 
 
@@ -86,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         params.validate()
     except ValueError as e:
         parser.error(str(e))
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, UnidentifiedImageError) as e:
-        print(f"mobilevlm-ask: cannot read image {args.image}: {e}", file=sys.stderr)
-        return 2
+    images = []
+    for path in args.image:
+        try:
+            image = Image.open(path)
+            image.load()
+        except (OSError, UnidentifiedImageError) as e:
+            print(f"mobilevlm-ask: cannot read image {path}: {e}", file=sys.stderr)
+            return 2
+        images.append(image)
     if args.model is None:
         from ..demo import DEFAULT_MODEL_DIR
 
@@ -102,17 +108,23 @@ def main(argv: list[str] | None = None) -> int:
         args.model = DEFAULT_MODEL_DIR
     try:
         vlm = _load(args)
-        answer = vlm.ask(image, turns, params,
-                         on_text=None if args.json else lambda piece, _: print(piece, end="", flush=True))
+        if len(images) == 1:
+            answers = [vlm.ask(images[0], turns, params,
+                               on_text=None if args.json else lambda piece, _: print(piece, end="", flush=True))]
+        else:
+            answers = vlm.ask_batch(images, [turns] * len(images), params)
     except (CheckpointError, PromptTooLongError, ValueError) as e:
         print(f"mobilevlm-ask: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"answer": answer.text, "input_ids": answer.input_ids,
-                          "generated_ids": answer.generated_ids, "stopped_by": answer.stopped_by,
-                          "timings": answer.timings}, ensure_ascii=False))
+        objects = [{"answer": answer.text, "input_ids": answer.input_ids, "generated_ids": answer.generated_ids,
+                    "stopped_by": answer.stopped_by, "timings": answer.timings} for answer in answers]
+        print(json.dumps(objects[0] if len(objects) == 1 else objects, ensure_ascii=False))
+    elif len(images) == 1:
+        print()  # the answer was streamed
     else:
-        print()
+        for path, answer in zip(args.image, answers):
+            print(f"{path}: {answer.text}")
     return 0
 
 
