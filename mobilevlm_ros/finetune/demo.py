@@ -24,6 +24,8 @@ from PIL import Image
 
 from ..demo import DEFAULT_MODEL_DIR
 from ..demo.scenes import STOP_OR_GO, answer_matches, make_scene, stop_or_go
+from ..model.generate import SamplingParams
+from ..train.evaluate import GREEDY
 from .lora import LoraSettings
 from .train import FinetuneSettings
 
@@ -57,17 +59,16 @@ def write_dataset(out_dir: str | Path, scenes: int, seed: int = TRAIN_SEED, old_
     return path
 
 
-def evaluate_stop_or_go(pipeline, seed: int = HELD_OUT_SEED, scenes: int = 200) -> tuple[int, int, dict[str, int]]:
+def evaluate_stop_or_go(pipeline, seed: int = HELD_OUT_SEED, scenes: int = 200,
+                        params: SamplingParams = GREEDY) -> tuple[int, int, dict[str, int]]:
     """(correct, asked, answers given) for the stop-or-go question on held-out scenes, greedy, through
     MobileVLMPipeline.ask (the node's code path)."""
-    from ..train.evaluate import GREEDY
-
     rng = np.random.default_rng([seed, 0x570])
     correct, given = 0, {}
     for index in range(scenes):
         scene = make_scene(seed, index)
         qa = stop_or_go(scene, rng)
-        answer = pipeline.ask(scene.image, qa.question, GREEDY).text
+        answer = pipeline.ask(scene.image, qa.question, params).text
         given[answer] = given.get(answer, 0) + 1
         correct += answer_matches(answer, qa.answer)
     return correct, scenes, given
