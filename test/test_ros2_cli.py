@@ -281,10 +281,15 @@ def test_action_feedback_streams_the_answer_and_topics_show_data(robot7):
     feedback = yaml_blocks(output, "Feedback")
     result = yaml_blocks(output, "Result")[0]
     assert result["success"] and result["error_code"] == "", result
-    assert len(feedback) >= 2, output  # a caption is many tokens: streamed in pieces
+    # A caption is many tokens, streamed in pieces. The CLI's feedback subscription keeps the default 10 messages,
+    # so on a busy machine it may drop some of a fast answer's early pieces; each piece carries the text so far.
+    assert len(feedback) >= 2, output
     for before, piece in zip(feedback, feedback[1:]):
-        assert piece["partial_answer"] == before["partial_answer"] + piece["text_delta"], (before, piece)
-        assert piece["tokens_generated"] > before["tokens_generated"]
+        assert piece["tokens_generated"] > before["tokens_generated"], (before, piece)
+        assert piece["partial_answer"].startswith(before["partial_answer"]), (before, piece)
+    for piece in feedback:
+        assert piece["partial_answer"].endswith(piece["text_delta"]), piece
+        assert result["answer"].startswith(piece["partial_answer"]), (piece, result["answer"])
     assert feedback[-1]["partial_answer"] == result["answer"]
     assert caption_classes(result["answer"]) == caption_classes(SCENE.caption), (result["answer"], SCENE.caption)
 
