@@ -41,7 +41,8 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
             info(f"manifest: {manifests[-1]} ({summary.total_bytes >> 20} MiB, {summary.seconds:.1f} s)")
         elif config.require_manifest:
             raise ManifestError(directory, "no mobilevlm_manifest.json and require_manifest is true")
-    estimate = estimate_model_memory(config.model_path, config.dtype, config.max_seq_len)
+    estimate = estimate_model_memory(config.model_path, config.dtype, config.max_seq_len,
+                                     batch=config.server.max_batch)
     available, where = available_memory(config.device)
     memory = check_memory(estimate, available, config.memory_reserve_mb << 20, where)
     info(f"memory: {memory}")

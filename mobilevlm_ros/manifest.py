@@ -21,10 +21,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .options import DTYPES
+
 MANIFEST_NAME = "mobilevlm_manifest.json"
 FORMAT = 1
 _BLOCK = 1 << 22
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+DTYPE_BYTES = dict(zip(DTYPES, (4, 2, 2)))  # bytes per element of each of options.DTYPES, in its order
 
 
 class ManifestError(Exception):
@@ -173,6 +176,7 @@ class MemoryEstimate:
     overhead_bytes: int  # activations, RoPE tables, allocator slack
     dtype: str
     positions: int
+    batch: int = 1  # KV cache rows
 
     @property
     def total_bytes(self) -> int:
@@ -180,7 +184,8 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         return (f"about {format_bytes(self.total_bytes)} (weights {format_bytes(self.weights_bytes)} as "
-                f"{self.dtype}, KV cache {format_bytes(self.kv_cache_bytes)} for {self.positions} positions, "
+                f"{self.dtype}, KV cache {format_bytes(self.kv_cache_bytes)} for {self.positions} positions"
+                f"{f' x {self.batch} rows' if self.batch > 1 else ''}, "
                 f"overhead {format_bytes(self.overhead_bytes)})")
 
 
@@ -189,12 +194,14 @@ OVERHEAD_MIN_BYTES = 64 << 20
 
 
 def estimate_model_memory(model_dir: Path | str, dtype: str = "float32", max_seq_len: int = 2048,
-                          weight_paths: list[Path] | None = None) -> MemoryEstimate:
-    """What loading model_dir in dtype with a max_seq_len KV cache will take, from the weight files' sizes.
+                          weight_paths: list[Path] | None = None, batch: int = 1) -> MemoryEstimate:
+    """What loading model_dir in dtype with a max_seq_len KV cache for ``batch`` rows will take, from the weight
+    files' sizes.
 
     The files' bytes are scaled from the checkpoint's ``torch_dtype`` to dtype; the KV cache is
-    ``2 * layers * kv_heads * head_dim * positions`` elements of dtype (the decoder keeps it in its weights' dtype,
-    positions capped at max_position_embeddings as the decoder does); 10 % (at least 64 MiB) on top.
+    ``2 * layers * kv_heads * head_dim * positions * batch`` elements of dtype (the decoder keeps it in its weights'
+    dtype, positions capped at max_position_embeddings as the decoder does; a batch of requests gives each row its
+    own cache row); 10 % (at least 64 MiB) on top.
     """
     model_dir = Path(model_dir)
     if dtype not in DTYPE_BYTES:
@@ -215,9 +222,9 @@ def estimate_model_memory(model_dir: Path | str, dtype: str = "float32", max_seq
     head_dim = int(config.get("hidden_size", 0)) // max(heads, 1)
     positions = min(int(max_seq_len), int(config.get("max_position_embeddings", max_seq_len)))
     kv = 2 * int(config.get("num_hidden_layers", 0)) * int(config.get("num_key_value_heads", heads)) * head_dim \
-        * positions * target
+        * positions * target * batch
     overhead = max(OVERHEAD_MIN_BYTES, int(OVERHEAD_FRACTION * (weights + kv)))
-    return MemoryEstimate(weights, kv, overhead, dtype, positions)
+    return MemoryEstimate(weights, kv, overhead, dtype, positions, batch)
 
 
 def read_mem_available(meminfo: Path | str = "/proc/meminfo") -> int | None:

@@ -114,6 +114,8 @@ def test_estimate_from_weight_files_dtype_and_kv_cache():
     assert half.positions == config["max_position_embeddings"]  # the decoder caps the cache there too
     assert half.kv_cache_bytes == full.kv_cache_bytes // 2
     assert full.total_bytes == full.weights_bytes + full.kv_cache_bytes + full.overhead_bytes
+    batched = mf.estimate_model_memory(MODEL, "float32", 2048, batch=4)  # max_batch rows, each its own cache row
+    assert batched.kv_cache_bytes == 4 * full.kv_cache_bytes and "x 4 rows" in batched.describe()
 
 
 def test_memory_check_refuses_with_numbers():
