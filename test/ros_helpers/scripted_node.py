@@ -3,10 +3,10 @@
 Usage: python scripted_node.py [--lifecycle] --ros-args ...
 
 Runs ``mobilevlm_ros.node.main()`` (with ``--lifecycle``: ``mobilevlm_ros.lifecycle_node.main()``) unchanged, after
-wrapping the class attribute ``mobilevlm_ros.model.MobileVLMPipeline.ask``, which the node's worker calls for every
-question. Markers anywhere in a question:
+wrapping the class attribute ``mobilevlm_ros.model.MobileVLMPipeline.ask_batch``, through which the node's worker
+answers every question (``ask`` is its batch of one). Markers anywhere in a question:
 
-- ``[fail]``: ``ask`` raises ``RuntimeError("scripted failure ...")`` before touching the model: what an out-of-memory
+- ``[fail]``: the batch holding it raises ``RuntimeError("scripted failure ...")`` before touching the model: what an out-of-memory
   or a driver error in the model looks like to the node.
 - ``[hold]``: the real generation runs; after its first streamed piece it waits until the request is cancelled (by
   the client, a deactivate or a shutdown), then stops within one token as a cancelled generation does. A request
@@ -36,38 +36,46 @@ def _question(turns) -> str:
 
 
 def install() -> None:
-    """Wrap MobileVLMPipeline.ask (the class attribute, so every pipeline the node loads has it)."""
+    """Wrap MobileVLMPipeline.ask_batch (the class attribute, so every pipeline the node loads has it; ask is its
+    batch of one, and the worker runs several waiting jobs as one batch)."""
     from mobilevlm_ros.model import MobileVLMPipeline
 
-    real_ask = MobileVLMPipeline.ask
+    real_ask_batch = MobileVLMPipeline.ask_batch
 
-    def ask(self, image, turns, params=None, on_text=None, cancelled=None):
-        question = _question(turns)
-        if FAIL in question:
+    def ask_batch(self, images, turns, params=None, on_text=None, cancelled=None):
+        questions = [_question(t) for t in turns]
+        failing = [q for q in questions if FAIL in q]
+        if failing:  # a model failure fails the whole batch, as a real one would
             raise RuntimeError(f"scripted failure: the question was marked {FAIL}")
+        rows = len(questions)
+        row_on_text = list(on_text) if on_text is not None else [None] * rows
+        row_cancelled = list(cancelled) if cancelled is not None else [None] * rows
+        for i, question in enumerate(questions):
+            hold = HOLD.search(question)
+            if hold is not None:
+                row_on_text[i] = _holding(row_on_text[i], row_cancelled[i], hold.group(1))
         kwargs = {} if params is None else {"params": params}
-        hold = HOLD.search(question)
-        if hold is None:
-            return real_ask(self, image, turns, on_text=on_text, cancelled=cancelled, **kwargs)
-        release = None
-        if hold.group(1):
-            release = Path(os.environ.get(RELEASE_DIR_ENV, "."), hold.group(1))
-        is_cancelled = cancelled if cancelled is not None else (lambda: False)
-        held = []
+        return real_ask_batch(self, images, turns, on_text=row_on_text, cancelled=row_cancelled, **kwargs)
 
-        def holding(piece: str, tokens: int) -> None:
-            if on_text is not None:
-                on_text(piece, tokens)  # the client sees this piece: generation is under way
-            if held:
-                return
-            held.append(True)
-            deadline = time.monotonic() + HOLD_LIMIT_S
-            while time.monotonic() < deadline and not is_cancelled() \
-                    and not (release is not None and release.exists()):
-                time.sleep(0.01)
-        return real_ask(self, image, turns, on_text=holding, cancelled=cancelled, **kwargs)
+    MobileVLMPipeline.ask_batch = ask_batch
 
-    MobileVLMPipeline.ask = ask
+
+def _holding(on_text, cancelled, release_name):
+    """on_text that, after the first streamed piece, waits until cancelled (or the release file appears)."""
+    release = Path(os.environ.get(RELEASE_DIR_ENV, "."), release_name) if release_name else None
+    is_cancelled = cancelled if cancelled is not None else (lambda: False)
+    held = []
+
+    def holding(piece: str, tokens: int) -> None:
+        if on_text is not None:
+            on_text(piece, tokens)  # the client sees this piece: generation is under way
+        if held:
+            return
+        held.append(True)
+        deadline = time.monotonic() + HOLD_LIMIT_S
+        while time.monotonic() < deadline and not is_cancelled() and not (release is not None and release.exists()):
+            time.sleep(0.01)
+    return holding
 
 
 def main() -> int:
