@@ -122,7 +122,8 @@ def bag_to_dataset(bag: str | Path, topic: str, rate: float, out: str | Path, qu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mobilevlm-bag-to-dataset", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="mobilevlm-bag-to-dataset",
+                                     description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("bag", help="bag directory (sqlite3 or MCAP)")
     parser.add_argument("--topic", required=True, help="camera topic (sensor_msgs/Image or CompressedImage)")
     parser.add_argument("--rate", type=float, default=1.0, help="frames per second of bag time to take at most")

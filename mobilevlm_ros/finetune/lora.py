@@ -253,8 +253,10 @@ def merge_adapter(model: MobileVLM, adapter: Adapter | str | Path) -> list[str]:
 
 def adapter_from_model(model: MobileVLM, settings: LoraSettings, extra: dict[str, Tensor]) -> Adapter:
     """The adapter a model with LoRA layers holds now (detached copies), and extra trained weights."""
-    pairs = {path: (layer.lora_A.weight.detach().float().cpu().clone(), layer.lora_B.weight.detach().float().cpu().clone())
-             for path, layer in lora_layers(model).items()}
+    def copy(weight: Tensor) -> Tensor:
+        return weight.detach().float().cpu().clone()
+
+    pairs = {path: (copy(layer.lora_A.weight), copy(layer.lora_B.weight)) for path, layer in lora_layers(model).items()}
     return Adapter(settings, pairs, {name: t.detach().cpu().clone() for name, t in extra.items()})
 
 

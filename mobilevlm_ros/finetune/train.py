@@ -159,7 +159,8 @@ def trained_extra(model: MobileVLM, settings: FinetuneSettings) -> dict[str, Ten
     return {"mm_projector." + name: p for name, p in model.mm_projector.named_parameters()}
 
 
-def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, settings: FinetuneSettings = FinetuneSettings(),
+def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path,
+             settings: FinetuneSettings = FinetuneSettings(),
              image_folder: str | Path | None = None, vision_tower: str | Path | None = None, device: str = "cpu",
              dtype: str | None = None, merge: bool = False, max_steps: int | None = None,
              log: Callable[[str], None] = print) -> FinetuneResult:
@@ -221,7 +222,8 @@ def finetune(model_dir: str | Path, data: str | Path, out_dir: str | Path, setti
         summary = {"base_model": str(model_dir), "data": str(data), "examples": len(examples), "steps": len(losses),
                    "device": device, "dtype": dtype, "settings": asdict(settings), "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "trainable_parameters": trainable,
-                   "first_loss": losses[0] if losses else None, "last_10_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                   "first_loss": losses[0] if losses else None,
+                   "last_10_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
                    "train_seconds": round(seconds, 1)}
         (tmp / "training.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if merge:
