@@ -300,6 +300,16 @@ class MobileVLMNode(LifecycleNode):
         self._once(shutdown)
 
 
+class DrainingExecutor(MultiThreadedExecutor):
+    """A MultiThreadedExecutor whose shutdown lets the callbacks already running finish first. rclpy's own
+    (Kilted's 9.1 among others) destroys its guard condition before it joins the pool's threads, so a callback still
+    running from the last spin_once raised "cannot use Destroyable because destruction was requested" at exit."""
+
+    def shutdown(self, timeout_sec: float | None = None, **kwargs) -> bool:
+        self._executor.shutdown(wait=True)  # the pool every MultiThreadedExecutor (Humble to Kilted) runs callbacks in
+        return super().shutdown(timeout_sec, **kwargs)
+
+
 def serve(node: MobileVLMNode, executor: MultiThreadedExecutor, stop: threading.Event) -> int:
     """Turn the executor until the node is finalized; SIGINT/SIGTERM run the shutdown transition, so every request
     in flight is answered before the context goes away."""
@@ -342,7 +352,7 @@ def run_node(args: list[str] | None, name: str, start: Callable[[MobileVLMNode],
         if not start(node):
             node.get_logger().fatal(f"error: could not start serving: {node.problem or 'activate failed'}")
             return 1
-        executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+        executor = DrainingExecutor(num_threads=EXECUTOR_THREADS)
         executor.add_node(node)
         return serve(node, executor, stop)
     except (KeyboardInterrupt, ExternalShutdownException):
