@@ -47,6 +47,16 @@ def write_params(path: Path, params: dict) -> Path:
     return path
 
 
+def interrupt(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Ctrl-C for a process (a bag replay, a ros2 command): SIGINT, and SIGKILL if it has not exited in timeout."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def wait_until(condition, timeout: float = TIMEOUT_S, interval: float = 0.05, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

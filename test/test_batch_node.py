@@ -3,7 +3,6 @@ cameras of a tick run as one batch and each carries its own frame's header and t
 and questions sent at once to different cameras are answered as alone."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from conftest import CHECKPOINTS, REFERENCE  # noqa: E402
 from mobilevlm_ros.bags import CameraFrame, write_camera_bag  # noqa: E402
 from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams  # noqa: E402
 from mobilevlm_ros.srv import AskScene  # noqa: E402
-from rosgraph import Graph, wait_until  # noqa: E402
+from rosgraph import Graph, interrupt, wait_until  # noqa: E402
 from test_node import QUESTION, stamp_ns, start_robot  # noqa: E402
 
 MODEL = CHECKPOINTS / "MobileVLM_V2-tiny"
@@ -89,10 +88,5 @@ def test_cameras_from_one_bag_are_captioned_and_answered_in_batches(tmp_path, al
             assert response.answer == alone[1][i] and response.tokens_generated == ANSWER_TOKENS
     finally:
         if replay is not None:
-            replay.send_signal(signal.SIGINT)
-            try:
-                replay.wait(60)
-            except subprocess.TimeoutExpired:
-                replay.kill()
-                replay.wait()
+            interrupt(replay)
         graph.close()

@@ -42,7 +42,7 @@ from mobilevlm_ros.bags import CameraFrame, write_camera_bag  # noqa: E402
 from mobilevlm_ros.demo.scenes import answer_matches, make_scene  # noqa: E402
 from mobilevlm_ros.msg import SceneCaption  # noqa: E402
 from mobilevlm_ros.srv import AskScene  # noqa: E402
-from rosgraph import SCRIPTED_NODE_EXE, Graph, NodeProcess, wait_until  # noqa: E402
+from rosgraph import SCRIPTED_NODE_EXE, Graph, NodeProcess, interrupt, wait_until  # noqa: E402
 
 MODEL = CHECKPOINTS / "MobileVLM_V2-tiny"
 NS = "/robot7"
@@ -311,12 +311,7 @@ def test_bag_replay_service_and_action(graph, robot, tmp_path, storage):
         assert all(STREET_ANSWER.startswith(f.partial_answer) for f in feedback)
         wait_until(lambda: any("published 80 messages" in line for line in lines), what="a whole pass over the bag")
     finally:
-        replay.send_signal(signal.SIGINT)
-        try:
-            replay.wait(60)
-        except subprocess.TimeoutExpired:
-            replay.kill()
-            replay.wait()
+        interrupt(replay)
         reader.join(10)
     assert replay.returncode == 0, "".join(lines)
 
