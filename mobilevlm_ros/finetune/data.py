@@ -75,17 +75,23 @@ class Example:
         return out
 
 
+def read_json(path: Path, error, missing: str = "file not found"):
+    """The parsed JSON file; a missing or malformed file raises error(path, reason) (DatasetError,
+    CheckpointError: the caller's kind of problem) with the reason, never a traceback."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(path, missing) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(path, f"not valid JSON: {e}") from None
+
+
 def read_dataset(path: str | Path, image_folder: str | Path | None = None) -> list[Record]:
     """The records of a LLaVA-style JSON file, each checked: image paths (relative ones under image_folder, by
     default the JSON file's directory) must name readable images; turns must alternate human and gpt, end with
     gpt and carry exactly one ``<image>``, in the first human turn."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(path, "file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(path, f"not valid JSON: {e}") from None
+    data = read_json(path, DatasetError)
     if not isinstance(data, list) or not data:
         raise DatasetError(path, "expected a non-empty JSON list of records")
     folder = Path(image_folder) if image_folder is not None else path.parent

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..model.errors import CheckpointError
 from ..model.mobilevlm import MobileVLM
+from .data import read_json
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -170,12 +171,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
 
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
-    try:
-        cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(config_path, "adapter config not found (is this a LoRA adapter directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(config_path, f"not valid JSON: {e}") from None
+    cfg = read_json(config_path, CheckpointError, "adapter config not found (is this a LoRA adapter directory?)")
     if cfg.get("peft_type") != "LORA":
         raise CheckpointError(config_path, f"peft_type {cfg.get('peft_type')!r}: only LORA adapters are supported")
     for unsupported in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
