@@ -141,3 +141,32 @@ def test_gguf_export_computes_our_function_in_llama_cpp(tmp_path):
     ours = prompt_logits(ours_llm, ours_llm.embed_tokens(torch.tensor(ids))[None])
     assert (theirs - ours).abs().max().item() < 0.05 * ours.abs().max().item()
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_batch_curve_smoke_on_shrunken_models(tmp_path):
+    """--batch-curve end to end on a 1-layer decoder: per batch size the same captions through ask_batch and
+    through ask one after another (same token counts), the lone request of the code now and of an older checkout
+    (here the same tree, passed as --code-before), the ratios, the table and the plot."""
+    from pathlib import Path
+
+    import mobilevlm_ros
+
+    checkout = str(Path(mobilevlm_ros.__file__).parent.parent)
+    code = bench_main(["--models", "MobileVLM_V2-1.7B", "--configs", "ours-fp32", "--llm-layers", "1",
+                       "--vision-layers", "2", "--decode-tokens", "3", "--batch-curve", "1,2",
+                       "--code-before", checkout, "--out", str(tmp_path), "--timeout", "600"])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert code == 0, [r.get("error") for r in data["results"]]
+    now, before = data["results"]
+    assert not now["code_before"] and before["code_before"] == checkout and before["curve"] == []
+    assert [p["batch"] for p in now["curve"]] == [1, 2]
+    for p in now["curve"]:
+        # every caption runs to max_new_tokens in both ways, so the tokens/s compare the same work
+        assert p["sequential"]["tokens"] == p["batched"]["tokens"] == 3 * p["batch"]
+        assert p["decode_ratio"] > 0 and p["e2e_ratio"] > 0
+    assert now["lone_total_ms"] > 0 and before["lone_decode_tok_s"] > 0
+    ratios_now = data["ratios"]["MobileVLM_V2-1.7B"]
+    assert {"ours-fp32_batch2_decode_batched_over_sequential", "ours-fp32_lone_time_now_over_before"} <= set(ratios_now)
+    assert "| 2 |" in (tmp_path / "results.md").read_text()
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "batch_curve.png").stat().st_size > 0

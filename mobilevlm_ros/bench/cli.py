@@ -6,6 +6,8 @@ process. Prints a table and the ratios; writes results.json, results.md and a pl
     mobilevlm-bench --models MobileVLM-1.7B --configs ours-fp32,hf-fp32,llamacpp-Q4_0
     mobilevlm-bench --models MobileVLM-1.7B --configs ours-bf16,llamacpp-F16 --rounds 3   # medians of 3 rounds
     mobilevlm-bench --gpu-check                       # the prepared GPU check (scripts/gpu_check.sh)
+    mobilevlm-bench --models MobileVLM_V2-1.7B --configs ours-bf16 --batch-curve 1,2,4,8 --rounds 3 \
+        --code-before /tmp/before   # ask_batch vs ask one after another; lone ask() against an older checkout
 """
 from __future__ import annotations
 
@@ -94,11 +96,12 @@ def hardware() -> dict:
             "python": platform.python_version()}
 
 
-def run_spec(spec: dict, timeout: float) -> dict:
-    """Run one configuration in a fresh interpreter; returns its result or {'error': ...}."""
-    cmd = [sys.executable, "-m", "mobilevlm_ros.bench.measure", json.dumps(spec)]
+def run_spec(spec: dict, timeout: float, script: list[str] | None = None, env: dict | None = None) -> dict:
+    """Run one configuration in a fresh interpreter (script: the command after the interpreter, by default the
+    measure module); returns its result or {'error': ...}."""
+    cmd = [sys.executable, *(script or ["-m", "mobilevlm_ros.bench.measure"]), json.dumps(spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timed out after {timeout:.0f} s"}
     for line in proc.stdout.splitlines():
@@ -141,6 +144,57 @@ def measure_config(model: str, config: str, args: argparse.Namespace) -> dict:
     r = run_spec(spec, args.timeout)
     r["wall_s"] = round(time.time() - start, 1)
     return r
+
+
+def measure_batch_curve(model: str, config: str, args: argparse.Namespace, code_before: str | None = None) -> dict:
+    """The batching scenario (batching.py) of one of our configurations in its own process; code_before: a
+    directory holding an older checkout's mobilevlm_ros, whose ask() then runs the lone request alone."""
+    spec = {"model": model, "config": config, "decode_tokens": args.decode_tokens, "threads": args.threads or None,
+            "seed": args.seed, "llm_layers": args.llm_layers, "vision_layers": args.vision_layers,
+            "batch_sizes": [] if code_before else args.batch_sizes, "code_before": code_before, **OURS[config]}
+    env = None
+    if code_before:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_before,
+                                                                         os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    r = run_spec(spec, args.timeout, [str(Path(__file__).with_name("batching.py"))], env)
+    r["wall_s"] = round(time.time() - start, 1)
+    return r
+
+
+def batch_curve_main(models: list[str], configs: list[str], args: argparse.Namespace, out: Path, hw: dict) -> int:
+    """--batch-curve: per round, per model and configuration, the curve (and lone request) now and, with
+    --code-before, the lone request of the older code, in turns (the order reversed every other round)."""
+    from .batching import batch_ratios, batch_table, median_curves, plot_curves
+
+    runs = [(c, None) for c in configs] + ([(c, args.code_before) for c in configs] if args.code_before else [])
+    results: list[dict] = []
+    per_round: list[dict] = []
+    for round_index in range(args.rounds):
+        this_round = []
+        for model in models:
+            for config, code_before in (runs if round_index % 2 == 0 else runs[::-1]):
+                r = measure_batch_curve(model, config, args, code_before)
+                r["round"] = round_index
+                this_round.append(r)
+                results.append(r)
+                curve = ", ".join(f"B={p['batch']} {p['decode_ratio']:.2f}x" for p in r.get("curve", []))
+                status = r.get("error") or (f"lone ask {r['lone_total_ms']:.0f} ms; batched/sequential decode: "
+                                            f"{curve or '-'}")
+                label = config + (" (code before)" if code_before else "")
+                print(f"{model:18s} {label:34s} {status}", flush=True)
+                (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
+        per_round.append(batch_ratios(this_round))
+    summary = median_ratios(per_round)
+    medians = median_curves(results)
+    md = batch_table(medians) + "\n\nRatios (medians of the rounds' ratios):\n\n```\n" + \
+        json.dumps(summary, indent=1) + "\n```\n"
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "medians": medians,
+                                                  "ratios": summary}, indent=1))
+    plot_curves(medians, hw, out / "batch_curve.png")
+    print(md)
+    return 0 if all("error" not in r for r in results) else 1
 
 
 def ratios(results: list[dict]) -> dict:
@@ -298,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every configuration this many times, in turns (the order reversed every other "
                         "round); the table shows medians and each ratio is the median of the rounds' ratios")
+    p.add_argument("--batch-curve", metavar="SIZES",
+                   help="comma-separated batch sizes: B captions through ask_batch against the same B through ask "
+                        "one after another, and a lone ask(), for our --configs (decode tokens: --decode-tokens)")
+    p.add_argument("--code-before", metavar="DIR",
+                   help="with --batch-curve: a directory with an older checkout's mobilevlm_ros package (e.g. "
+                        "git archive c9942bb mobilevlm_ros | tar -x -C DIR); its ask() runs the lone request too")
     p.add_argument("--gpu-check", action="store_true", help="run the GPU check instead (needs CUDA)")
     args = p.parse_args(argv)
     if args.gpu_check:
@@ -315,6 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         if c not in {*OURS, *HF, *LLAMACPP}:
             p.error(f"unknown config {c!r}")
+    if args.batch_curve:
+        try:
+            args.batch_sizes = [int(b) for b in args.batch_curve.split(",") if b.strip()]
+        except ValueError:
+            p.error(f"--batch-curve {args.batch_curve!r}: expected comma-separated batch sizes")
+        if not args.batch_sizes or min(args.batch_sizes) < 1:
+            p.error("--batch-curve: batch sizes must be at least 1")
+        if not args.configs:
+            configs = ["ours-bf16"]
+        if [c for c in configs if c not in OURS]:
+            p.error("--batch-curve measures our configurations only")
+    elif args.code_before:
+        p.error("--code-before goes with --batch-curve")
     skipped = [c for c in configs if c not in have]
     configs = [c for c in configs if c in have]
     if skipped:
@@ -325,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     hw = hardware()
     print(f"# {hw['cpu']} ({' '.join(hw['cpu_features']) or 'no feature flags read'}), {hw['cores']} cores, "
           f"{hw['memory_gib']} GiB, torch {hw['torch']}", flush=True)
+    if args.batch_curve:
+        return batch_curve_main(models, configs, args, out, hw)
     results: list[dict] = []
     per_round: list[list[dict]] = []
     for round_index in range(args.rounds):
