@@ -10,7 +10,7 @@ setup(
     # torch 2.6: the int4 CPU kernels (model/quantize.py) are the _for_cpu ops 2.6 split out; 2.5 brought
     # torch.onnx.export's dynamo= keyword (engines/visual.py passes dynamo=False), 2.1 torch.load(mmap=True) and
     # load_state_dict(assign=True) (model/loader.py). Tested here with 2.13 only.
-    # rosbags: mobilevlm-replay-bag, mobilevlm-demo and mobilevlm-bag-to-dataset write and read ROS 2 bags.
+    # rosbags: mobilevlm replay-bag, mobilevlm demo and mobilevlm bag-to-dataset write and read ROS 2 bags.
     install_requires=["numpy", "pillow", "sentencepiece", "safetensors", "torch>=2.6", "rosbags"],
     extras_require={
         "test": ["pytest", "vermin", "onnx", "onnxruntime", "transformers", "peft"],
@@ -19,17 +19,9 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "mobilevlm-ask = mobilevlm_ros.cli.ask:main",
-            "mobilevlm_node = mobilevlm_ros.node:main",
+            "mobilevlm = mobilevlm_ros.cli.main:main",  # every command: mobilevlm ask, ..., mobilevlm dev bench
+            "mobilevlm_node = mobilevlm_ros.node:main",  # the ROS 2 executables keep ROS's naming
             "mobilevlm_lifecycle_node = mobilevlm_ros.lifecycle_node:main",
-            "mobilevlm-manifest = mobilevlm_ros.cli.manifest:main",
-            "mobilevlm-replay-bag = mobilevlm_ros.bags:main",
-            "mobilevlm-demo = mobilevlm_ros.demo.run:main",
-            "mobilevlm-build-engines = mobilevlm_ros.cli.build_engines:main",
-            "mobilevlm-bench = mobilevlm_ros.bench.cli:main",
-            "mobilevlm-train-demo = mobilevlm_ros.train.cli:main",
-            "mobilevlm-finetune = mobilevlm_ros.finetune.cli:main",
-            "mobilevlm-bag-to-dataset = mobilevlm_ros.finetune.bag_to_dataset:main",
         ],
     },
 )

@@ -1,6 +1,6 @@
 """Camera bags without ROS 2's rosbag2: write them with ``rosbags`` and replay them through real rclpy publishers.
 
-On a robot, ``ros2 bag play`` does the replay; here (no rosbag2_py, no ros2cli) ``mobilevlm-replay-bag`` does the
+On a robot, ``ros2 bag play`` does the replay; here (no rosbag2_py, no ros2cli) ``mobilevlm replay-bag`` does the
 same job for tests and the demo: it publishes each stored message's CDR bytes unchanged on its topic, at the
 recorded rate. Bags are written in metadata version 8, which Humble's rosbag2 can read.
 """
@@ -127,7 +127,7 @@ def wait_for_subscribers(node, topics: Iterable[str], timeout_s: float = 30.0) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mobilevlm-replay-bag", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mobilevlm replay-bag", description=__doc__.split("\n\n")[0])
     parser.add_argument("bag", help="bag directory (sqlite3 or MCAP)")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
     parser.add_argument("--loop", action="store_true", help="play again from the start until interrupted")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         messages = read_bag(args.bag)
     except Exception as e:  # noqa: BLE001 - rosbags raises its own types for every kind of damaged bag
-        print(f"mobilevlm-replay-bag: cannot read {args.bag}: {e}", file=sys.stderr)
+        print(f"mobilevlm replay-bag: cannot read {args.bag}: {e}", file=sys.stderr)
         return 2
     remap = dict(item.split(":=", 1) for item in args.remap)
 
@@ -150,11 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         publishers = create_publishers(node, messages, remap)
         topics = [publisher.topic_name for publisher in publishers.values()]
         if args.wait_for_subscribers and not wait_for_subscribers(node, topics, args.wait_for_subscribers):
-            print(f"mobilevlm-replay-bag: no subscriber on some of {topics} after {args.wait_for_subscribers} s; "
+            print(f"mobilevlm replay-bag: no subscriber on some of {topics} after {args.wait_for_subscribers} s; "
                   "playing anyway", file=sys.stderr)
         while True:
             sent = replay(publishers, messages, args.rate)
-            print(f"mobilevlm-replay-bag: published {sent} messages", flush=True)
+            print(f"mobilevlm replay-bag: published {sent} messages", flush=True)
             if not args.loop:
                 return 0
     except KeyboardInterrupt:

@@ -1,9 +1,9 @@
 """Verified model rollout, without ROS: a manifest of a model directory's files, and a memory check before loading.
 
 A manifest (``mobilevlm_manifest.json``, a name no published checkpoint uses) lists every file of a model directory
-with its size and sha256. ``mobilevlm-manifest write DIR`` creates it where the model is known to be good (the
+with its size and sha256. ``mobilevlm manifest write DIR`` creates it where the model is known to be good (the
 build machine, the release bucket); after the directory has been copied to a robot, :func:`check_manifest` (run by
-the node at configure, or ``mobilevlm-manifest check DIR``) refuses a half-copied or corrupted copy and names the
+the node at configure, or ``mobilevlm manifest check DIR``) refuses a half-copied or corrupted copy and names the
 bad file. Sizes are compared first, so a truncated copy is refused at once, before anything is hashed.
 
 :func:`estimate_model_memory` and :func:`check_memory` refuse, with numbers, a model that would not fit in the
@@ -95,7 +95,7 @@ def write_manifest(directory: Path | str, manifest_name: str = MANIFEST_NAME) ->
     for relative in model_files(root, manifest_name):
         path = root / relative
         entries.append({"path": relative, "size": path.stat().st_size, "sha256": sha256_file(path)})
-    document = {"format": FORMAT, "tool": "mobilevlm-manifest", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    document = {"format": FORMAT, "tool": "mobilevlm manifest", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "total_bytes": sum(e["size"] for e in entries), "files": entries}
     target = root / manifest_name
     tmp = root / f".{manifest_name}.{os.getpid()}.tmp"
@@ -111,7 +111,7 @@ def has_manifest(directory: Path | str, manifest_name: str = MANIFEST_NAME) -> b
 def read_manifest(directory: Path | str, manifest_name: str = MANIFEST_NAME) -> list[FileEntry]:
     path = Path(directory) / manifest_name
     if not path.is_file():
-        raise ManifestError(path, "no manifest (write one with `mobilevlm-manifest write DIR` where the model is "
+        raise ManifestError(path, "no manifest (write one with `mobilevlm manifest write DIR` where the model is "
                                   "known to be good)")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))

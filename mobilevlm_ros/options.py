@@ -7,7 +7,7 @@ from __future__ import annotations
 # Vision encoder + projector: plain PyTorch, or an engine built from its ONNX export (engines/).
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ENGINE_BACKENDS = BACKENDS[1:]
-# Precision of a TensorRT engine (mobilevlm-build-engines --precision); ONNX Runtime's engines are fp32.
+# Precision of a TensorRT engine (mobilevlm build-engines --precision); ONNX Runtime's engines are fp32.
 ENGINE_PRECISIONS = ("fp16", "fp32")
 # Weight and activation dtype of the model (float16 on CUDA only).
 DTYPES = ("float32", "bfloat16", "float16")

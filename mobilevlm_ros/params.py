@@ -53,7 +53,7 @@ PARAMETERS: tuple[Param, ...] = (
     Param("model_path", "", "MobileVLM checkpoint directory; `~` and `$VARS` are expanded; empty: the bundled demo "
           "model (with a warning in the log and on /diagnostics)"),
     Param("vision_tower", "", "CLIP directory overriding config.json's `mm_vision_tower` (V1 checkpoints)"),
-    Param("adapter", "", "LoRA adapter directory (`mobilevlm-finetune`'s output, or PEFT's from the reference's "
+    Param("adapter", "", "LoRA adapter directory (`mobilevlm finetune`'s output, or PEFT's from the reference's "
           "training) merged into `model_path`'s weights at load (before `quantize`); `~` and `$VARS` are "
           "expanded; empty: none (docs/FINETUNE.md)"),
     Param("device", "cpu", "`cpu`, `cuda` or `cuda:N`"),

@@ -1,4 +1,4 @@
-"""mobilevlm-ask's handling of expected problems: a clear message on stderr, non-zero exit, no traceback."""
+"""mobilevlm ask's handling of expected problems: a clear message on stderr, non-zero exit, no traceback."""
 from __future__ import annotations
 
 import json
@@ -104,3 +104,21 @@ def test_several_images_plain_text_one_line_each():
     assert proc.returncode == 0
     answer = "hree�llows0unda� scenellows0unda� scenellows0unda�"  # the reference's answer, as streamed alone
     assert proc.stdout.splitlines() == [f"{IMAGE}: {answer}"] * 2
+
+
+def test_one_command_dispatches_to_every_subcommand():
+    """`mobilevlm` lists the runtime commands and the developer tools and runs each by name with its own options;
+    an unknown name is refused with the list."""
+    from mobilevlm_ros.cli.main import COMMANDS, DEV_TOOLS
+
+    exe = [sys.executable, "-m", "mobilevlm_ros.cli.main"]
+    listing = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0
+    assert all(f"  {name}" in listing.stdout for name in COMMANDS)
+    assert all(f"  dev {name}" in listing.stdout for name in DEV_TOOLS)
+    for args, prog in ((["ask", "--help"], "usage: mobilevlm ask"), (["dev", "train-demo", "--help"],
+                                                                       "usage: mobilevlm dev train-demo")):
+        proc = subprocess.run([*exe, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.startswith(prog), proc.stderr
+    unknown = subprocess.run([*exe, "nope"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr

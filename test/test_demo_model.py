@@ -75,7 +75,7 @@ def test_mobilevlm_ask_uses_the_bundled_model_by_default(tmp_path, capsys):
 
 
 def test_train_demo_command_writes_a_loadable_checkpoint(tmp_path):
-    """mobilevlm-train-demo end to end on a toy budget: every phase runs and the result loads and answers through
+    """mobilevlm dev train-demo end to end on a toy budget: every phase runs and the result loads and answers through
     the inference pipeline (the full recipe is the same code with larger numbers)."""
     import subprocess
     import sys

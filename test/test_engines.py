@@ -177,7 +177,7 @@ def test_pipeline_with_onnxruntime_backend_generates_the_same_answer(pipelines, 
 
 
 def test_an_engine_releases_the_torch_vision_tower(tmp_path):
-    """Once an engine encodes the images (as the node and mobilevlm-ask do), the torch vision tower and projector
+    """Once an engine encodes the images (as the node and mobilevlm ask do), the torch vision tower and projector
     are freed (nothing else holds them), the answers stay the same, and the model says why it cannot encode."""
     import gc
     import weakref

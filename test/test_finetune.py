@@ -1,6 +1,6 @@
 """LoRA fine-tuning (mobilevlm_ros.finetune) on the tiny reference checkpoint: the training objective against the
 reference's (transformers' LlamaForCausalLM with the reference's labels), the adapter against PEFT, bad input, and
-mobilevlm-bag-to-dataset."""
+mobilevlm bag-to-dataset."""
 from __future__ import annotations
 
 import json
@@ -215,7 +215,7 @@ def test_adapter_is_peft_layout_and_merged_checkpoint_matches_peft(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing image", "malformed JSON", "no image marker", "longer than the context"])
 def test_bad_input_names_the_record_and_writes_nothing(tmp_path, capsys, case):
-    """Each kind of bad training data stops mobilevlm-finetune before training with exit code 2 and a message
+    """Each kind of bad training data stops mobilevlm finetune before training with exit code 2 and a message
     naming the file and the record, and leaves nothing in (or beside) --out."""
     records = json.loads(json.dumps(RECORDS))
     expected = {"missing image": "record 1 (id 'robot'): image",

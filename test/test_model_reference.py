@@ -159,9 +159,9 @@ def test_greedy_generation_cli_json(checkpoint, case, tmp_path, capsys):
 
 def test_installed_console_script(tmp_path):
     """The real entry point in a child process, run from an unrelated working directory."""
-    exe = shutil.which("mobilevlm-ask") or str(__import__("pathlib").Path(sys.executable).parent / "mobilevlm-ask")
+    exe = shutil.which("mobilevlm") or str(__import__("pathlib").Path(sys.executable).parent / "mobilevlm")
     case = golden_cases("MobileVLM_V2-tiny")[3]
-    proc = subprocess.run([exe, "--model", str(CHECKPOINTS / "MobileVLM_V2-tiny"), "--image",
+    proc = subprocess.run([exe, "ask", "--model", str(CHECKPOINTS / "MobileVLM_V2-tiny"), "--image",
                            str(REFERENCE / case["image"]), "--max-new-tokens", "16", "--json", case["turns"][0]],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -271,7 +271,7 @@ def send_goal(graph: Graph, robot: Robot, question: str, max_new_tokens: int, fe
 
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
 def test_bag_replay_service_and_action(graph, robot, tmp_path, storage):
-    """A bag written by mobilevlm_ros.bags (sqlite3 or MCAP, metadata version 8) replayed by mobilevlm-replay-bag:
+    """A bag written by mobilevlm_ros.bags (sqlite3 or MCAP, metadata version 8) replayed by mobilevlm replay-bag:
     the service answers about the bag's front frames (the reference's street image, rgb8) with the reference's
     greedy answer, the rear (JPEG) frames are answered with timings, and the action streams the reference's answer
     as feedback. The replay loops until the test has its answers, so slow discovery cannot outlast the bag."""

@@ -173,7 +173,7 @@ def test_check_says_whether_the_cache_matches_this_device(pipelines, tmp_path, m
         fallback.fallback_reason
     monkeypatch.undo()
 
-    # The command line (mobilevlm-build-engines --check runs the same): 0 matches, 1 does not, 2 cannot check here.
+    # The command line (mobilevlm build-engines --check runs the same): 0 matches, 1 does not, 2 cannot check here.
     assert provision.main(["--check", "--model", str(MODEL), "--engines", str(engines),
                            "--backend", "onnxruntime"]) == 0
     assert json.loads(capsys.readouterr().out)["match"] is True

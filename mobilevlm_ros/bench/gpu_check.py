@@ -1,4 +1,4 @@
-"""The prepared GPU check (scripts/gpu_check.sh; ``mobilevlm-bench --gpu-check``). Needs CUDA; runs in a few
+"""The prepared GPU check (scripts/gpu_check.sh; ``mobilevlm dev bench --gpu-check``). Needs CUDA; runs in a few
 minutes on one GPU. Writes one JSON report to stdout (and to --out).
 
 1. Correctness: on both reference checkpoints, float16 greedy decoding with CUDA graphs gives the same ids as the

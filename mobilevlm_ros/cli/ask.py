@@ -1,4 +1,4 @@
-"""mobilevlm-ask: try a MobileVLM checkpoint on an image (or several, in one batch), without ROS."""
+"""mobilevlm ask: try a MobileVLM checkpoint on an image (or several, in one batch), without ROS."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ from ..options import BACKENDS, DTYPES, QUANTIZE_MODES
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mobilevlm-ask", description=__doc__)
+    p = argparse.ArgumentParser(prog="mobilevlm ask", description=__doc__)
     p.add_argument("question", nargs="?", help="the question (omit when --chat is given)")
     # Paths: `~` and `$VARS` are expanded (also where a shell did not, e.g. in quotes or from a launcher).
     p.add_argument("--model", type=expand_path,
@@ -57,11 +57,11 @@ def _turns(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[st
     try:
         turns = json.loads(Path(args.chat).read_text(encoding="utf-8"))
     except OSError as e:
-        raise SystemExit(f"mobilevlm-ask: cannot read --chat file: {e}") from None
+        raise SystemExit(f"mobilevlm ask: cannot read --chat file: {e}") from None
     except json.JSONDecodeError as e:
-        raise SystemExit(f"mobilevlm-ask: {args.chat}: not valid JSON: {e}") from None
+        raise SystemExit(f"mobilevlm ask: {args.chat}: not valid JSON: {e}") from None
     if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns) or len(turns) % 2 != 1:
-        raise SystemExit(f"mobilevlm-ask: {args.chat}: expected a JSON list of strings alternating user and "
+        raise SystemExit(f"mobilevlm ask: {args.chat}: expected a JSON list of strings alternating user and "
                          "assistant, starting and ending with a user turn")
     return turns
 
@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             image = Image.open(path)
             image.load()
         except (OSError, UnidentifiedImageError) as e:
-            print(f"mobilevlm-ask: cannot read image {path}: {e}", file=sys.stderr)
+            print(f"mobilevlm ask: cannot read image {path}: {e}", file=sys.stderr)
             return 2
         images.append(image)
     if args.model is None:
         from ..demo import DEFAULT_MODEL_DIR
 
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
-            print(f"mobilevlm-ask: the bundled demo model ({DEFAULT_MODEL_DIR}) is not installed: pass --model",
+            print(f"mobilevlm ask: the bundled demo model ({DEFAULT_MODEL_DIR}) is not installed: pass --model",
                   file=sys.stderr)
             return 2
         args.model = DEFAULT_MODEL_DIR
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             answers = vlm.ask_batch(images, [turns] * len(images), params)
     except (CheckpointError, PromptTooLongError, ValueError) as e:
-        print(f"mobilevlm-ask: {e}", file=sys.stderr)
+        print(f"mobilevlm ask: {e}", file=sys.stderr)
         return 2
     if args.json:
         objects = [{"answer": answer.text, "input_ids": answer.input_ids, "generated_ids": answer.generated_ids,

@@ -1,4 +1,4 @@
-"""mobilevlm-build-engines: export the visual encoder to ONNX and build its TensorRT (or ONNX Runtime) engine.
+"""mobilevlm build-engines: export the visual encoder to ONNX and build its TensorRT (or ONNX Runtime) engine.
 
 Engines are stored under --engines (default ./engines) with a key made of the ONNX file's hash, the runtime
 version, the GPU name and compute capability, the precision and the batch limit; an existing engine is reused
@@ -16,7 +16,7 @@ from ..options import ENGINE_BACKENDS, ENGINE_PRECISIONS
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mobilevlm-build-engines", description=__doc__)
+    p = argparse.ArgumentParser(prog="mobilevlm build-engines", description=__doc__)
     # Paths: `~` and `$VARS` are expanded (also where a shell did not, e.g. in quotes or from a launcher).
     p.add_argument("--model", type=expand_path, help="MobileVLM checkpoint directory")
     p.add_argument("--vision-tower", type=expand_path,
@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         from ..engines import tensorrt_backend
 
         if not tensorrt_backend.available():
-            print("mobilevlm-build-engines: TensorRT is not installed here", file=sys.stderr)
+            print("mobilevlm build-engines: TensorRT is not installed here", file=sys.stderr)
             return 2
         try:
             print(tensorrt_backend.self_test())
         except RuntimeError as e:
-            print(f"mobilevlm-build-engines: {e}", file=sys.stderr)
+            print(f"mobilevlm build-engines: {e}", file=sys.stderr)
             return 3
         return 0
     if not args.model:
@@ -69,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print("mobilevlm-build-engines: CUDA is not available on this machine", file=sys.stderr)
+        print("mobilevlm build-engines: CUDA is not available on this machine", file=sys.stderr)
         return 2
     try:
         model, _ = load_model(args.model, args.vision_tower, "cpu" if args.onnx_only else device,
                               "float16" if device.startswith("cuda") else "float32")
     except CheckpointError as e:
-        print(f"mobilevlm-build-engines: {e}", file=sys.stderr)
+        print(f"mobilevlm build-engines: {e}", file=sys.stderr)
         return 2
     if args.onnx_only:
         path = cached_onnx(VisualEncoder.from_model(model), args.engines, image_size=model.config.vision.image_size)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..engines import tensorrt_backend
 
         if not tensorrt_backend.available():
-            print("mobilevlm-build-engines: TensorRT is not installed here (use --backend onnxruntime, or run on "
+            print("mobilevlm build-engines: TensorRT is not installed here (use --backend onnxruntime, or run on "
                   "a Jetson with JetPack 6)", file=sys.stderr)
             return 2
     try:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                               max_batch=args.max_batch, precision=args.precision, fallback=False,
                                               workspace_bytes=args.workspace_mib << 20)
     except EngineRejected as e:
-        print(f"mobilevlm-build-engines: {e}", file=sys.stderr)
+        print(f"mobilevlm build-engines: {e}", file=sys.stderr)
         return 3
     print(json.dumps({"backend": args.backend, "engine": str(getattr(encoder, "path", "")) or None,
                       "engines_dir": str(args.engines)}))

@@ -1,7 +1,7 @@
-"""mobilevlm-manifest: write or check the manifest (names, sizes, sha256) of a model directory.
+"""mobilevlm manifest: write or check the manifest (names, sizes, sha256) of a model directory.
 
-  mobilevlm-manifest write DIR      where the model is known to be good (after training, download or export)
-  mobilevlm-manifest check DIR      on the robot after copying: names the first missing, truncated or corrupted file
+  mobilevlm manifest write DIR      where the model is known to be good (after training, download or export)
+  mobilevlm manifest check DIR      on the robot after copying: names the first missing, truncated or corrupted file
 
 Exit codes: 0 ok, 1 the directory does not match its manifest, 2 usage error or no manifest.
 """
@@ -15,7 +15,7 @@ from ..manifest import MANIFEST_NAME, ManifestError, check_manifest, has_manifes
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mobilevlm-manifest", description=__doc__,
+    p = argparse.ArgumentParser(prog="mobilevlm manifest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("write", help=f"hash every file of DIR into DIR/{MANIFEST_NAME}")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "write":
             if has_manifest(args.directory) and not args.force:
-                print(f"mobilevlm-manifest: {args.directory}/{MANIFEST_NAME} exists; pass --force to replace it "
+                print(f"mobilevlm manifest: {args.directory}/{MANIFEST_NAME} exists; pass --force to replace it "
                       "(never re-write a manifest on a copy you have not verified)", file=sys.stderr)
                 return 2
             path = write_manifest(args.directory)
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                               "total_bytes": sum(e.size for e in entries)}))
             return 0
         if not has_manifest(args.directory):
-            print(f"mobilevlm-manifest: {args.directory}: no {MANIFEST_NAME}", file=sys.stderr)
+            print(f"mobilevlm manifest: {args.directory}: no {MANIFEST_NAME}", file=sys.stderr)
             return 2
         summary = check_manifest(args.directory, hash_files=not args.sizes_only)
     except ManifestError as e:
-        print(f"mobilevlm-manifest: {e}", file=sys.stderr)
+        print(f"mobilevlm manifest: {e}", file=sys.stderr)
         return 1 if args.command == "check" else 2
     print(json.dumps({"ok": True, "directory": summary.directory, "files": summary.files,
                       "total_bytes": summary.total_bytes, "hashed": not args.sizes_only,

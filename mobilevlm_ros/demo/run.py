@@ -1,4 +1,4 @@
-"""mobilevlm-demo: the whole robot loop on generated road scenes, with nothing but this package.
+"""mobilevlm demo: the whole robot loop on generated road scenes, with nothing but this package.
 
 1. draws a few road scenes (mobilevlm_ros.demo.scenes) and records them as a camera stream into a real ROS 2 bag;
 2. starts the real node (bundled demo model by default) in its own process, in namespace /demo;
@@ -211,7 +211,7 @@ def run(model: Path, out: Path, num_scenes: int, seed: int, seconds_per_scene: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mobilevlm-demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mobilevlm demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="default: the bundled demo model")
     parser.add_argument("--out", type=Path, default=Path("demo_output"))
     parser.add_argument("--scenes", type=int, default=4)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.model, args.out, args.scenes, args.seed, args.seconds_per_scene)
     except RuntimeError as e:
-        print(f"mobilevlm-demo: {e}", file=sys.stderr)
+        print(f"mobilevlm demo: {e}", file=sys.stderr)
         return 1
 
 

@@ -4,13 +4,13 @@ Built on the engine cache (engines/cache.py: key = ONNX sha256 + runtime version
 and :func:`make_visual_encoder`; nothing here changes how an engine is exported, built or validated.
 
 - :func:`file_lock`: an exclusive ``fcntl.flock`` on ``<engine file>.lock`` next to the engine, so two processes
-  (two nodes, or a node and ``mobilevlm-build-engines``) never build the same engine at once: the second waits,
+  (two nodes, or a node and ``mobilevlm build-engines``) never build the same engine at once: the second waits,
   then finds the first one's engine in the cache and only loads it. The lock file is left in place (removing it
   would let a third process lock a different inode).
-- :func:`provision_visual_encoder`: what the node (loading.load_pipeline) and ``mobilevlm-ask --backend`` call
+- :func:`provision_visual_encoder`: what the node (loading.load_pipeline) and ``mobilevlm ask --backend`` call
   before building the pipeline. Reuses a cached engine, builds a missing one when allowed (under the lock), and
   otherwise falls back to the torch vision path, saying why. It reads the model and never changes it.
-- :func:`check_engines` / ``mobilevlm-build-engines --check``: does the cache hold an engine for this model on this
+- :func:`check_engines` / ``mobilevlm build-engines --check``: does the cache hold an engine for this model on this
   device (runtime version, GPU, precision, ONNX hash)? Exports and builds nothing.
 """
 from __future__ import annotations
@@ -177,7 +177,7 @@ def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precis
     if not onnx_path.is_file():
         if not allow_build:
             raise EngineUnavailable(f"no ONNX export of these weights in {engines_dir} ({onnx_path.name}) and "
-                                    "build_engines is false; run mobilevlm-build-engines")
+                                    "build_engines is false; run mobilevlm build-engines")
         with file_lock(lock_path_for(onnx_path), lock_timeout_s,
                        lambda p: log(f"waiting for another process exporting {onnx_path.name}")) as w:
             waited |= w
@@ -193,7 +193,7 @@ def _provision(backend, model, engines_dir: Path, allow_build, max_batch, precis
             reason = cache.reason_to_build(key)
             if not allow_build:
                 raise EngineUnavailable(f"no usable {backend} engine in {engines_dir} for this device ({reason}) "
-                                        "and build_engines is false; run mobilevlm-build-engines")
+                                        "and build_engines is false; run mobilevlm build-engines")
             log(f"building {backend} engine {engine_path.name} ({reason})")
         encode = make_visual_encoder(backend, model, engines_dir, max_batch, precision, workspace_bytes)
     return encode, VisionBackend(backend, backend, str(engine_path), built=not present, waited_for_lock=waited)
@@ -226,7 +226,7 @@ def check_engines(backend: str, model, engines_dir: Path | str, precision: str =
 
 
 def check_command(args: argparse.Namespace) -> int:
-    """``mobilevlm-build-engines --check``: print the report as JSON; exit 0 when the cache matches, 1 when it
+    """``mobilevlm build-engines --check``: print the report as JSON; exit 0 when the cache matches, 1 when it
     does not, 2 when the check cannot run here (no TensorRT, no CUDA, unreadable model)."""
     import torch
 
@@ -234,7 +234,7 @@ def check_command(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if args.backend == "tensorrt" else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        print("mobilevlm-build-engines --check: CUDA is not available on this machine", file=sys.stderr)
+        print("mobilevlm build-engines --check: CUDA is not available on this machine", file=sys.stderr)
         return 2
     try:
         # Loaded exactly as the build loads it, so the export digest (and with it the ONNX hash) is the same.
@@ -242,7 +242,7 @@ def check_command(args: argparse.Namespace) -> int:
                               "float16" if device.startswith("cuda") else "float32")
         report = check_engines(args.backend, model, args.engines, args.precision, args.max_batch)
     except (CheckpointError, RuntimeError, ValueError) as e:
-        print(f"mobilevlm-build-engines --check: {e}", file=sys.stderr)
+        print(f"mobilevlm build-engines --check: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2))
     return 0 if report["match"] else 1
@@ -253,8 +253,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m mobilevlm_ros.engines.provision",
                                 description="Check the engine cache against this device without building "
-                                            "(the same as mobilevlm-build-engines --check).")
-    p.add_argument("--check", action="store_true", help="accepted for symmetry with mobilevlm-build-engines")
+                                            "(the same as mobilevlm build-engines --check).")
+    p.add_argument("--check", action="store_true", help="accepted for symmetry with mobilevlm build-engines")
     p.add_argument("--model", type=expand_path, required=True)
     p.add_argument("--vision-tower", type=expand_path)
     p.add_argument("--engines", type=expand_path, default="engines")

@@ -1,14 +1,14 @@
-"""mobilevlm-bag-to-dataset: frames sampled from a rosbag (sqlite3 or MCAP) into images and a LLaVA-style JSON.
+"""mobilevlm bag-to-dataset: frames sampled from a rosbag (sqlite3 or MCAP) into images and a LLaVA-style JSON.
 
-    mobilevlm-bag-to-dataset BAG --topic /front/image_raw --rate 1 --out DIR \\
+    mobilevlm bag-to-dataset BAG --topic /front/image_raw --rate 1 --out DIR \\
         --question "Is the road wet?" --question "How many cones are there?" [--labels labels.json]
 
 Frames of one camera topic (sensor_msgs/Image or CompressedImage, decoded by the node's own camera code) are taken
 at most ``rate`` per second of bag time: the first frame, then the first one at least 1/rate s after the last taken.
 Each becomes ``DIR/images/<frame>.png`` (lossless: what the camera sent) and one record per question in
-``DIR/dataset.json``, the format mobilevlm-finetune reads. Answers come from the labels file, a JSON object mapping
+``DIR/dataset.json``, the format mobilevlm finetune reads. Answers come from the labels file, a JSON object mapping
 a frame name to its answers in the order of the questions (``{"frame_00000": ["yes", "2"], ...}``); without one,
-or for a frame it does not list, the answers are left empty, to be filled in (mobilevlm-finetune refuses an empty
+or for a frame it does not list, the answers are left empty, to be filled in (mobilevlm finetune refuses an empty
 answer and names the record). ``DIR/labels_template.json`` lists every frame with empty answers, ready to copy.
 The output is written to a temporary directory and renamed into place: a failure leaves nothing in DIR.
 """
@@ -122,7 +122,7 @@ def bag_to_dataset(bag: str | Path, topic: str, rate: float, out: str | Path, qu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mobilevlm-bag-to-dataset",
+    parser = argparse.ArgumentParser(prog="mobilevlm bag-to-dataset",
                                      description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     parser.add_argument("bag", help="bag directory (sqlite3 or MCAP)")
     parser.add_argument("--topic", required=True, help="camera topic (sensor_msgs/Image or CompressedImage)")
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         labels = read_labels(args.labels, args.question) if args.labels else None
         path = bag_to_dataset(args.bag, args.topic, args.rate, args.out, args.question, labels)
     except (ValueError, FileExistsError) as e:
-        print(f"mobilevlm-bag-to-dataset: {e}", file=sys.stderr)
+        print(f"mobilevlm bag-to-dataset: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - rosbags raises its own types for every kind of damaged bag
-        print(f"mobilevlm-bag-to-dataset: cannot read {args.bag}: {e}", file=sys.stderr)
+        print(f"mobilevlm bag-to-dataset: cannot read {args.bag}: {e}", file=sys.stderr)
         return 2
     records = json.loads(path.read_text(encoding="utf-8"))
     empty = sum(not r["conversations"][1]["value"] for r in records)

@@ -1,4 +1,4 @@
-"""mobilevlm-finetune: LoRA fine-tuning of a MobileVLM checkpoint on LLaVA-style data (docs/FINETUNE.md)."""
+"""mobilevlm finetune: LoRA fine-tuning of a MobileVLM checkpoint on LLaVA-style data (docs/FINETUNE.md)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ DEFAULTS = FinetuneSettings()
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mobilevlm-finetune", description=__doc__.split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="mobilevlm finetune", description=__doc__.split(": ", 1)[1])
     p.add_argument("--model", required=True, help="base checkpoint directory (published MobileVLM layout)")
     p.add_argument("--data", required=True, help="LLaVA-style JSON: [{'image': ..., 'conversations': [...]}]")
     p.add_argument("--out", required=True, help="output directory for the adapter (must not exist or be empty)")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                  vision_tower=args.vision_tower, device=args.device, dtype=args.dtype, merge=args.merge,
                  max_steps=args.max_steps, log=log)
     except (DatasetError, CheckpointError, FileExistsError, ValueError) as e:
-        print(f"mobilevlm-finetune: {e}", file=sys.stderr)
+        print(f"mobilevlm finetune: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,4 +1,4 @@
-"""mobilevlm-train-demo: train the bundled demo MobileVLM from scratch on generated road scenes."""
+"""mobilevlm dev train-demo: train the bundled demo MobileVLM from scratch on generated road scenes."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from .recipe import Recipe
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mobilevlm-train-demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="mobilevlm dev train-demo", description=__doc__)
     p.add_argument("--out", required=True, help="output checkpoint directory (created)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything: scenes, initialisation, data order")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the result is bit-exact for the same "

@@ -96,6 +96,6 @@ def export_checkpoint(out_dir: Path, recipe, config: MobileVLMConfig, vision, mo
     write_configs(out_dir, config)
     save_file(state_dict(vision, model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out_dir / "training.json", {
-        "recipe": asdict(recipe), "command": f"mobilevlm-train-demo --out DIR --seed {recipe.seed}",
+        "recipe": asdict(recipe), "command": f"mobilevlm dev train-demo --out DIR --seed {recipe.seed}",
         "torch": torch.__version__, "threads": recipe.threads,
         "timings_s": {k: round(v, 1) for k, v in timings.items()}})
