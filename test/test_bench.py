@@ -1,4 +1,4 @@
-"""mobilevlm-bench plumbing on shrunken models (no timing thresholds: speed is reported, never asserted), the
+"""mobilevlm dev bench plumbing on shrunken models (no timing thresholds: speed is reported, never asserted), the
 seeded random weights shared by every stack, and the GGUF export against llama.cpp when installed."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The batching scenario of mobilevlm-bench (``--batch-curve 1,2,4,8``): per batch size B, B captions (one prompt,
+"""The batching scenario of mobilevlm dev bench (``--batch-curve 1,2,4,8``): per batch size B, B captions (one prompt,
 B different random images, greedy, a fixed number of new tokens) through ``ask_batch`` against the same B through
 ``ask`` one after another, in one process on one real-shaped random-weight model; and one lone request (``ask``).
 
@@ -129,7 +129,7 @@ def run(spec: dict) -> dict:
     return {**spec, **result}
 
 
-# ---- the command line's side (mobilevlm-bench --batch-curve): specs, ratios, table, plot ----
+# ---- the command line's side (mobilevlm dev bench --batch-curve): specs, ratios, table, plot ----
 
 def batch_ratios(results: list[dict]) -> dict:
     """Per model, per configuration and batch size: batched over sequential tokens/s (decode and end to end), and
@@ -229,7 +229,7 @@ def plot_curves(rows: list[dict], hw: dict, path):
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
     axes[1].axhline(1.0, color="grey", lw=0.8)
-    fig.suptitle(f"mobilevlm-bench --batch-curve, {hw['cpu']} ({', '.join(hw.get('cpu_features', []))}), "
+    fig.suptitle(f"mobilevlm dev bench --batch-curve, {hw['cpu']} ({', '.join(hw.get('cpu_features', []))}), "
                  f"{hw['cores']} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

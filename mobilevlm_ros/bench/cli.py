@@ -1,12 +1,12 @@
-"""mobilevlm-bench: speed and memory of real-shaped MobileVLM models (random weights, no download) against the
+"""mobilevlm dev bench: speed and memory of real-shaped MobileVLM models (random weights, no download) against the
 stacks a user would pick instead, measured in the same run on the same weights, each configuration in its own
 process. Prints a table and the ratios; writes results.json, results.md and a plot to --out.
 
-    mobilevlm-bench                                   # everything installed, all three models
-    mobilevlm-bench --models MobileVLM-1.7B --configs ours-fp32,hf-fp32,llamacpp-Q4_0
-    mobilevlm-bench --models MobileVLM-1.7B --configs ours-bf16,llamacpp-F16 --rounds 3   # medians of 3 rounds
-    mobilevlm-bench --gpu-check                       # the prepared GPU check (scripts/gpu_check.sh)
-    mobilevlm-bench --models MobileVLM_V2-1.7B --configs ours-bf16 --batch-curve 1,2,4,8 --rounds 3 \
+    mobilevlm dev bench                                   # everything installed, all three models
+    mobilevlm dev bench --models MobileVLM-1.7B --configs ours-fp32,hf-fp32,llamacpp-Q4_0
+    mobilevlm dev bench --models MobileVLM-1.7B --configs ours-bf16,llamacpp-F16 --rounds 3   # medians of 3 rounds
+    mobilevlm dev bench --gpu-check                       # the prepared GPU check (scripts/gpu_check.sh)
+    mobilevlm dev bench --models MobileVLM_V2-1.7B --configs ours-bf16 --batch-curve 1,2,4,8 --rounds 3 \
         --code-before /tmp/before   # ask_batch vs ask one after another; lone ask() against an older checkout
 """
 from __future__ import annotations
@@ -336,7 +336,7 @@ def plot(results: list[dict], hw: dict, path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mobilevlm-bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="mobilevlm dev bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated, from: " + ", ".join(REAL_MODELS))
     p.add_argument("--configs", help="comma-separated subset of: " + ", ".join([*OURS, *HF, *LLAMACPP]))
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-layers", type=int, help="shrink the decoder depth (smoke tests only)")
     p.add_argument("--vision-layers", type=int, help="shrink the vision tower depth (smoke tests only)")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.md, plot")
-    p.add_argument("--gguf-cache", default=os.path.expanduser("~/.cache/mobilevlm-bench"))
+    p.add_argument("--gguf-cache", default=os.path.expanduser("~/.cache/mobilevlm dev bench"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every configuration this many times, in turns (the order reversed every other "
