@@ -282,7 +282,9 @@ def test_action_feedback_streams_the_answer_and_topics_show_data(robot7):
     result = yaml_blocks(output, "Result")[0]
     assert result["success"] and result["error_code"] == "", result
     # A caption is many tokens, streamed in pieces. The CLI's feedback subscription keeps the default 10 messages,
-    # so on a busy machine it may drop some of a fast answer's early pieces; each piece carries the text so far.
+    # so on a busy machine it may drop some of a fast answer's early pieces, and rclpy's ActionClient drops the
+    # goal's feedback callback once the result is in, so the last pieces may be missing too (README: take the answer
+    # from the result); each piece carries the text so far, and the result the whole answer.
     assert len(feedback) >= 2, output
     for before, piece in zip(feedback, feedback[1:]):
         assert piece["tokens_generated"] > before["tokens_generated"], (before, piece)
@@ -290,7 +292,6 @@ def test_action_feedback_streams_the_answer_and_topics_show_data(robot7):
     for piece in feedback:
         assert piece["partial_answer"].endswith(piece["text_delta"]), piece
         assert result["answer"].startswith(piece["partial_answer"]), (piece, result["answer"])
-    assert feedback[-1]["partial_answer"] == result["answer"]
     assert caption_classes(result["answer"]) == caption_classes(SCENE.caption), (result["answer"], SCENE.caption)
 
     caption = echo_once(robot7, "/robot7/caption", "mobilevlm_ros/msg/SceneCaption")
