@@ -176,16 +176,10 @@ def batch_table(results: list[dict]) -> str:
 def median_curves(results: list[dict]) -> list[dict]:
     """One row per (model, configuration, code): every number the median over its rounds (each ratio the median
     of the rounds' ratios, not a ratio of medians)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["model"], r["config"], bool(r.get("code_before"))), []).append(r)
-    rows = []
-    for runs in groups.values():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
-            rows.append(runs[0])
-            continue
-        row = {k: v for k, v in ok[0].items() if k != "round"}
+    from .cli import rows_over_rounds  # the parent process only: this file also runs alone as the measuring child
+
+    def median_row(ok: list[dict]) -> dict:
+        row = dict(ok[0])
         for key in ("lone_total_ms", "lone_ttft_ms", "lone_decode_tok_s"):
             row[key] = statistics.median(r[key] for r in ok)
         row["curve"] = []
@@ -196,9 +190,8 @@ def median_curves(results: list[dict]) -> list[dict]:
                 **{ratio: statistics.median(p[ratio] for p in points) for ratio in ("decode_ratio", "e2e_ratio")},
                 **{side: {k: statistics.median(p[side][k] for p in points) for k in point[side]}
                    for side in ("sequential", "batched")}})
-        row["rounds"] = len(ok)
-        rows.append(row)
-    return rows
+        return row
+    return rows_over_rounds(results, lambda r: (r["model"], r["config"], bool(r.get("code_before"))), median_row)
 
 
 def plot_curves(rows: list[dict], hw: dict, path):

@@ -185,14 +185,20 @@ def batch_curve_main(models: list[str], configs: list[str], args: argparse.Names
                 print(f"{model:18s} {label:34s} {status}", flush=True)
                 (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
         per_round.append(batch_ratios(this_round))
-    summary = median_ratios(per_round)
     medians = median_curves(results)
-    md = batch_table(medians) + "\n\nRatios (medians of the rounds' ratios):\n\n```\n" + \
-        json.dumps(summary, indent=1) + "\n```\n"
+    return write_report(out, hw, results, medians, median_ratios(per_round), batch_table(medians),
+                        "Ratios (medians of the rounds' ratios):", lambda: plot_curves(medians, hw,
+                                                                                      out / "batch_curve.png"))
+
+
+def write_report(out: Path, hw: dict, results: list[dict], medians: list[dict], summary: dict, table_md: str,
+                 caption: str, draw_plot) -> int:
+    """results.md (the table and the ratios), results.json (everything), the plot; exit code 1 if any run failed."""
+    md = table_md + f"\n\n{caption}\n\n```\n" + json.dumps(summary, indent=1) + "\n```\n"
     (out / "results.md").write_text(md)
     (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "medians": medians,
                                                   "ratios": summary}, indent=1))
-    plot_curves(medians, hw, out / "batch_curve.png")
+    draw_plot()
     print(md)
     return 0 if all("error" not in r for r in results) else 1
 
@@ -256,26 +262,34 @@ def median_ratios(per_round: list[dict]) -> dict:
     return out
 
 
-def median_results(results: list[dict]) -> list[dict]:
-    """One row per (model, configuration): the median of each number over its rounds, "rounds" the number of
-    rounds that measured it. A configuration that failed in every round keeps its first error."""
+def rows_over_rounds(results: list[dict], key, median_row) -> list[dict]:
+    """One row per key(result): median_row(the rounds that measured it), with "rounds" their number. A
+    configuration that failed in every round keeps its first error."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["model"], r["config"]), []).append(r)
+        groups.setdefault(key(r), []).append(r)
     rows = []
     for runs in groups.values():
         ok = [r for r in runs if "error" not in r]
         if not ok:
             rows.append(runs[0])
             continue
-        row = dict(ok[0])
-        for key, value in ok[0].items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                row[key] = statistics.median(r[key] for r in ok if r.get(key) is not None)
+        row = median_row(ok)
         row.pop("round", None)
         row["rounds"] = len(ok)
         rows.append(row)
     return rows
+
+
+def median_results(results: list[dict]) -> list[dict]:
+    """One row per (model, configuration): the median of each number over its rounds."""
+    def median_row(ok: list[dict]) -> dict:
+        row = dict(ok[0])
+        for key, value in ok[0].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[key] = statistics.median(r[key] for r in ok if r.get(key) is not None)
+        return row
+    return rows_over_rounds(results, lambda r: (r["model"], r["config"]), median_row)
 
 
 def _fmt(v, digits=1):
@@ -418,16 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                                             f"vision {_fmt(r.get('vision_ms'), 0)} ms")
                 print(f"{model:18s} {config:24s} {status}", flush=True)
                 (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
-    summary = median_ratios([ratios(r) for r in per_round])
     medians = median_results(results)
-    md = table(medians) + "\n\nRatios (ours / baseline, >1 is better for ours):\n\n```\n" + \
-        json.dumps(summary, indent=1) + "\n```\n"
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results, "medians": medians,
-                                                  "ratios": summary}, indent=1))
-    plot(medians, hw, out / "bench.png")
-    print(md)
-    return 0 if all("error" not in r for r in results) else 1
+    return write_report(out, hw, results, medians, median_ratios([ratios(r) for r in per_round]), table(medians),
+                        "Ratios (ours / baseline, >1 is better for ours):",
+                        lambda: plot(medians, hw, out / "bench.png"))
 
 
 if __name__ == "__main__":
