@@ -113,8 +113,8 @@ class MobileVLMNode(LifecycleNode):
             frames = FrameStore()
             server = SceneServer(loaded.pipeline, frames, config.server,
                                  FrameAge(config.server.frame_age_from, now_ns=self._now_ns))
-            problem = config.caption_rate_hz > 0 and server.caption_fits(config.caption_prompt,
-                                                                         config.caption_max_new_tokens)
+            problem = config.caption_rate_hz > 0 and server.prompt_fits(config.caption_prompt,
+                                                                        config.caption_max_new_tokens)
             if problem:
                 server.shutdown()
                 raise ValueError(f"caption_prompt does not fit: {problem}")
@@ -215,10 +215,10 @@ class MobileVLMNode(LifecycleNode):
         if name in ("caption_prompt", "caption_max_new_tokens"):
             prompt = value if name == "caption_prompt" else config.caption_prompt
             tokens = value if name == "caption_max_new_tokens" else config.caption_max_new_tokens
-            problem = server.caption_fits(prompt, tokens)
+            problem = server.prompt_fits(prompt, tokens)
             return f"{name} {value!r}: the caption would not fit: {problem}" if problem else None
         if name == "max_new_tokens":
-            problem = server.caption_fits("?", value)  # the shortest question
+            problem = server.prompt_fits("?", value)  # the shortest question
             return f"max_new_tokens {value}: no question would fit: {problem}" if problem else None
         return None
 

@@ -251,8 +251,8 @@ class SceneServer:
                 self._put(job)
         return jobs
 
-    def caption_fits(self, prompt: str, max_new_tokens: int) -> str | None:
-        """Why a caption prompt cannot run in this model's context, or None."""
+    def prompt_fits(self, prompt: str, max_new_tokens: int) -> str | None:
+        """Why a question (or caption prompt) with max_new_tokens cannot run in this model's context, or None."""
         try:
             self.pipeline.check_fits(self.pipeline.prompt_ids(prompt), max_new_tokens)
         except PromptTooLongError as e:
@@ -274,10 +274,9 @@ class SceneServer:
         if camera_id not in self.config.cameras:
             return _failure(ErrorCode.UNKNOWN_CAMERA, f"unknown camera {camera_id!r}; configured: "
                             f"{', '.join(self.config.cameras)}", camera_id)
-        try:
-            self.pipeline.check_fits(self.pipeline.prompt_ids(question), params.max_new_tokens)
-        except PromptTooLongError as e:
-            return _failure(ErrorCode.PROMPT_TOO_LONG, str(e), camera_id)
+        too_long = self.prompt_fits(question, params.max_new_tokens)
+        if too_long:
+            return _failure(ErrorCode.PROMPT_TOO_LONG, too_long, camera_id)
         return self._frame_problem(camera_id, self.frames.latest(camera_id))
 
     def _frame_problem(self, camera_id: str, frame: Frame | None) -> SceneResult | None:
