@@ -100,6 +100,20 @@ def _now(device: torch.device) -> float:
 DecodeStep = Callable[[Tensor, "int | list[int]"], Tensor]
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as generate_batch runs it: fill(row) puts all its length positions into that KV cache row and
+    returns the last position's logits [1, V] (a whole prefill, or a cached prefix and a prefill of the rest)."""
+
+    length: int
+    fill: Callable[[int], Tensor]
+
+    @classmethod
+    def of_embeds(cls, model: MobileVLM, embeds: Tensor) -> Prompt:
+        """The prompt embeddings [1, T, H], prefilled whole from position 0."""
+        return cls(embeds.shape[1], lambda row: model.prefill(embeds, row))
+
+
 class _Row:
     """One prompt's generation inside a batch: everything generate() keeps for a prompt alone."""
 
@@ -152,26 +166,27 @@ def generate(model: MobileVLM, decode_step: DecodeStep, tokenizer: Tokenizer, em
     on_text gets each new stable piece of the answer and the number of tokens generated so far; cancelled is
     polled after the prefill (a cancel that came during it returns no tokens) and between tokens, so a cancel
     takes effect within one token."""
-    return generate_batch(model, decode_step, tokenizer, [embeds], [params], [on_text], [cancelled])[0]
+    return generate_batch(model, decode_step, tokenizer, [Prompt.of_embeds(model, embeds)], [params], [on_text],
+                          [cancelled])[0]
 
 
 @torch.inference_mode()
-def generate_batch(model: MobileVLM, decode_step: DecodeStep, tokenizer: Tokenizer, embeds: Sequence[Tensor],
+def generate_batch(model: MobileVLM, decode_step: DecodeStep, tokenizer: Tokenizer, prompts: Sequence[Prompt],
                    params: Sequence[SamplingParams], on_text: Sequence[Callable[[str, int], None] | None],
                    cancelled: Sequence[Callable[[], bool] | None]) -> list[Generation]:
-    """generate() for several prompts at once (embeds[b] [1, T_b, H]; the model's KV cache must hold that many
-    rows): each prompt prefilled into its cache row, then one decode_step per token for the rows still running.
+    """generate() for several prompts at once (the model's KV cache must hold that many rows): each prompt
+    filled into its cache row in order, then one decode_step per token for the rows still running.
     Every row runs as generate() runs it alone: its own sampling params and seeded generator, stop rules,
     streaming callback and cancel; a finished row's answer (and its last streamed piece) is out at once.
 
     Finished rows stay in the batch until the rows after them finish (fed their last token at their last
     position, which they no longer read): the decoder runs the first rows up to the last one still running, so
     removing a row never moves another's cache. A batch of one runs exactly as one prompt alone."""
-    device = embeds[0].device
-    rows = [_Row(e.shape[1], p, f, c, device) for e, p, f, c in zip(embeds, params, on_text, cancelled)]
+    device = model.llm.embed_tokens.weight.device
+    rows = [_Row(q.length, p, f, c, device) for q, p, f, c in zip(prompts, params, on_text, cancelled)]
     start = _now(device)
-    for b, (row, prompt) in enumerate(zip(rows, embeds)):  # alone, as generate() would (llama.py says why)
-        row.sample(model.prefill(prompt, b))
+    for b, (row, prompt) in enumerate(zip(rows, prompts)):  # alone, as generate() would (llama.py says why)
+        row.sample(prompt.fill(b))
     first = _now(device)
     prefill_ms = (first - start) * 1e3
     for row in rows:

@@ -48,6 +48,16 @@ class KVCache(nn.Module):
             v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return k_cache, v_cache
 
+    def read(self, row: int, length: int) -> Tensor:
+        """A copy of row's first length positions: [2, H, length, D] (keys, values)."""
+        return torch.stack([self.k_cache[row, :, :length], self.v_cache[row, :, :length]])
+
+    def write(self, row: int, kv: Tensor) -> None:
+        """kv [2, H, P, D] (from read) into row's first P positions."""
+        length = kv.shape[2]
+        self.k_cache[row, :, :length] = kv[0]
+        self.v_cache[row, :, :length] = kv[1]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -175,13 +185,25 @@ class MobileLlama(nn.Module):
         self.register_buffer("rope_sin", sin.to(weight.device, weight.dtype), persistent=False)
         self.max_seq_len, self.max_batch = max_seq_len, batch
 
+    def read_cache(self, row: int, length: int) -> Tensor:
+        """A copy of every layer's keys and values of the cache row's first length positions: [layers, 2, H, length,
+        D]. Positions depend only on those before them, so these are what a prompt starting with the same length
+        positions puts there (prefix_cache.py)."""
+        return torch.stack([layer.self_attn.kv_cache.read(row, length) for layer in self.layers])
+
+    def write_cache(self, row: int, kv: Tensor) -> None:
+        """read_cache's copy into a cache row's first positions: the row then continues from there."""
+        for layer, layer_kv in zip(self.layers, kv):
+            layer.self_attn.kv_cache.write(row, layer_kv)
+
     def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int, mask_cache: bool = False,
-                run_layer: RunLayer | None = None, first_row: int = 0) -> Tensor:
+                run_layer: RunLayer | None = None, first_row: int = 0, all_positions: bool = False) -> Tensor:
         """embeds [B, T, D] at positions input_pos, [T] for every row or [B, T] for each row its own, in the KV
         cache's rows first_row..first_row + B; kv_len = positions filled after this call (in the row that has the
         most).
 
-        Returns the logits of the last position only [B, V]: generation never needs the others.
+        Returns the logits of the last position only [B, V]: generation never needs the others; all_positions: of
+        every position [B, T, V] (scoring a choice's tokens needs each one's, choices.py).
         mask_cache=True attends over the first kv_len cache positions with a mask (cache position <= input_pos)
         instead of relying on kv_len being exact, so kv_len may be any fixed bound: the shapes then no longer
         change from step to step, which a CUDA graph needs (see cuda_graph.py).
@@ -197,7 +219,7 @@ class MobileLlama(nn.Module):
                 x = layer(x, cos, sin, input_pos, kv_len, mask_cache, first_row=first_row)
             else:
                 x = run_layer(layer, x, cos, sin, input_pos, kv_len, mask_cache)
-        return self.lm_head(self.norm(x[:, -1]))
+        return self.lm_head(self.norm(x if all_positions else x[:, -1]))
 
     def forward_all(self, embeds: Tensor) -> Tensor:
         """Causal forward over whole sequences from position 0 without the cache (training): logits [B, T, V]."""

@@ -61,11 +61,11 @@ class MobileVLM(nn.Module):
             pieces.append(embed(torch.tensor(text, device=device)))
         return torch.cat(pieces)[None]
 
-    def prefill(self, embeds: Tensor, row: int = 0) -> Tensor:
-        """Run the whole prompt [1, T, H] from position 0 into the KV cache's row; returns the last position's
-        logits [1, V]."""
+    def prefill(self, embeds: Tensor, row: int = 0, start: int = 0) -> Tensor:
+        """Run the prompt [1, T, H] into the KV cache's row at positions start..start + T - 1 (those before start
+        must be filled already: a cached prefix, prefix_cache.py); returns the last position's logits [1, V]."""
         t = embeds.shape[1]
-        return self.llm(embeds, torch.arange(t, device=embeds.device), t, first_row=row)
+        return self.llm(embeds, torch.arange(start, start + t, device=embeds.device), start + t, first_row=row)
 
     def decode_step(self, token: Tensor, pos: int | list[int], run_layer: RunLayer | None = None) -> Tensor:
         """One new token per row, token [B], attending over the cache; returns logits [B, V]. pos: the position

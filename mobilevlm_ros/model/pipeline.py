@@ -9,7 +9,7 @@ with (engines.provision_visual_encoder picks one for a backend, reading the mode
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +22,12 @@ from ..options import COMPILE_MODES, DTYPES, QUANTIZE_MODES
 from .cpu_linear import available as onednn_available, use_onednn_in_mobilevlm
 from .cuda_graph import CUDAGraphDecoder
 from .errors import PromptTooLongError
-from .generate import DecodeStep, Generation, SamplingParams, generate_batch
+from .choices import Choice, ScoredPrompt, check_choices, choice_of, continuation_ids, score
+from .generate import DecodeStep, Generation, Prompt, SamplingParams, generate_batch
 from .image import preprocess
 from .loader import TORCH_DTYPES, load_model
-from .mobilevlm import MobileVLM
+from .mobilevlm import IMAGE_TOKEN_INDEX, MobileVLM
+from .prefix_cache import FramePrefix, PrefixCache
 from .prompt import build_prompt, tokenize_with_image
 from .quantize import quantize_llm
 from .tokenizer import Tokenizer
@@ -133,13 +135,36 @@ class Answer:
     generated_ids: list[int]
     stopped_by: str
     timings: dict[str, float] = field(default_factory=dict)
+    prefix_cached: bool = False  # the frame's prefix came from the prefix cache (prefix_cache.py)
+
+
+@dataclass
+class _Rows:
+    """A batch's rows made ready for generate_batch (or choices.score): those not cancelled before their prefill,
+    each one's Prompt and whether it starts from an already computed prefix, and the shared timings."""
+
+    go: list[int]
+    prompts: list[Prompt]
+    from_prefix: list[bool]
+    encoded: list[bool]  # per row of the batch: its frame went through preprocessing and the vision encoder here
+    preprocess_ms: float
+    vision_ms: float
+    embed_ms: float
+
+
+class _OwnFrame:
+    """The frame of a row that names none: its own, never cached."""
+
+    def __init__(self, row: int):
+        self.row = row
 
 
 class MobileVLMPipeline:
     def __init__(self, model: MobileVLM, tokenizer: Tokenizer, max_seq_len: int = 2048,
-                 fast_paths: FastPaths = EAGER, engine: VisionEncoder | None = None):
+                 fast_paths: FastPaths = EAGER, engine: VisionEncoder | None = None, prefix_cache_frames: int = 0):
         """Takes the model over (apply_fast_paths): from here on images are encoded by ``self.encode_images`` and
-        tokens decoded by ``self.decode_step``, both fixed now."""
+        tokens decoded by ``self.decode_step``, both fixed now. prefix_cache_frames: how many frames' prompt
+        prefixes to keep for follow-up questions (prefix_cache.py; 0: none)."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -147,6 +172,8 @@ class MobileVLMPipeline:
         self.device = model.llm.embed_tokens.weight.device  # lm_head may be quantised (quantize.py)
         self.encode_images, self.decode_step = apply_fast_paths(model, fast_paths, max_seq_len, engine)
         self.max_seq_len = model.llm.max_seq_len
+        self.prefix_cache = PrefixCache(prefix_cache_frames)
+        self.prefix_ids = self.prompt_ids("")[:self.prompt_ids("").index(IMAGE_TOKEN_INDEX)]
         if fast_paths.decode_step == "cpu_compiled":
             self.compile_one_token_step()
 
@@ -160,17 +187,25 @@ class MobileVLMPipeline:
     @classmethod
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
              dtype: str = "float32", max_seq_len: int = 2048, cuda_graphs: bool = True,
-             compile_mode: str | None = None, quantize: str | None = None, onednn: bool = True
-             ) -> MobileVLMPipeline:
+             compile_mode: str | None = None, quantize: str | None = None, onednn: bool = True,
+             prefix_cache_frames: int = 0) -> MobileVLMPipeline:
         """A pipeline on the torch vision encoder (loading.load_pipeline adds engines). model_dir, vision_tower:
         ``~`` and ``$VARS`` are expanded. quantize: None or a CPU weight quantisation of the decoder's Linear
         layers (options.QUANTIZE_MODES). onednn, cuda_graphs, compile_mode: see choose_fast_paths."""
         fast_paths = choose_fast_paths(device, dtype, quantize, onednn, cuda_graphs, compile_mode)
         model, tokenizer = load_checkpoint(model_dir, vision_tower, device, dtype, quantize)
-        return cls(model, tokenizer, max_seq_len, fast_paths)
+        return cls(model, tokenizer, max_seq_len, fast_paths, prefix_cache_frames=prefix_cache_frames)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:
         return tokenize_with_image(build_prompt([turns] if isinstance(turns, str) else list(turns)), self.tokenizer)
+
+    def prefix_nbytes(self) -> int:
+        """The bytes one frame's prefix takes in the prefix cache: keys and values of every layer at each
+        position up to and including the image tokens."""
+        llama = self.config.llama
+        positions = len(self.prefix_ids) + self.config.image_tokens
+        element = self.model.llm.embed_tokens.weight.element_size()
+        return 2 * llama.num_layers * llama.num_kv_heads * llama.head_dim * positions * element
 
     def check_fits(self, input_ids: list[int], max_new_tokens: int) -> None:
         """Raise PromptTooLongError unless the spliced prompt plus the answer fits in the KV cache."""
@@ -182,77 +217,189 @@ class MobileVLMPipeline:
     def pixel_values(self, image: Image.Image | np.ndarray) -> Tensor:
         return preprocess(image, self.config.vision.image_size, pad=self.config.image_aspect_ratio == "pad")
 
+    def _rows(self, images: Sequence[Image.Image | np.ndarray], input_ids: Sequence[list[int]],
+              frame_keys: Sequence[Hashable | None], cancelled: Sequence[Callable[[], bool] | None]) -> _Rows:
+        """Encode the frames that need it, poll cancelled, and make each remaining row's Prompt.
+
+        A row without a frame key (or with the cache off) is encoded and prefilled whole, as ever. A row whose
+        frame is cached loads the prefix and prefills only the text after the image. Of an uncached frame's rows,
+        the first that goes on is prefilled whole and leaves the prefix behind (in the cache, and for this batch:
+        the cache may hold fewer frames than the batch names), the others start from it: one vision pass per
+        frame."""
+        start = time.perf_counter()
+        caching = self.prefix_cache.max_frames > 0
+        frames = [key if caching and key is not None else _OwnFrame(b) for b, key in enumerate(frame_keys)]
+        prefixes: dict[Hashable, FramePrefix | None] = {}  # this batch's frames: None until a row computes it
+        for frame, ids in zip(frames, input_ids):
+            if frame not in prefixes:
+                cached = None if isinstance(frame, _OwnFrame) else self.prefix_cache.get(frame)
+                usable = cached is not None and list(cached.ids) == ids[:ids.index(IMAGE_TOKEN_INDEX)]
+                prefixes[frame] = cached if usable else None
+        to_encode = [f for f, prefix in prefixes.items() if prefix is None]
+        first_row = {f: frames.index(f) for f in to_encode}
+        pixels = [self.pixel_values(images[first_row[f]]) for f in to_encode]
+        preprocessed = time.perf_counter()
+        image_tokens = dict(zip(to_encode, self.encode_images(torch.cat(pixels).to(self.device)))) if pixels else {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        encoded = time.perf_counter()
+        go = [b for b in range(len(images)) if cancelled[b] is None or not cancelled[b]()]
+        prompts, from_prefix = [], []
+        for b in go:
+            frame, ids = frames[b], input_ids[b]
+            if prefixes[frame] is None and frame not in image_tokens:
+                raise AssertionError("every uncached frame was encoded")
+            if frame in image_tokens and not any(frames[g] == frame for g in go[:go.index(b)]):
+                embeds = self.model.embed_prompt(ids, image_tokens[frame][None])
+                prompts.append(Prompt.of_embeds(self.model, embeds) if isinstance(frame, _OwnFrame)
+                               else self._prompt_leaving_prefix(embeds, frame, ids, prefixes))
+                from_prefix.append(False)
+            else:
+                prompts.append(self._prompt_from_prefix(ids, frame, prefixes))
+                from_prefix.append(True)
+        embedded = time.perf_counter()
+        return _Rows(go, prompts, from_prefix, [frames[b] in image_tokens for b in range(len(images))],
+                     (preprocessed - start) * 1e3, (encoded - preprocessed) * 1e3, (embedded - encoded) * 1e3)
+
+    def _prompt_leaving_prefix(self, embeds: Tensor, frame: Hashable, ids: list[int],
+                               prefixes: dict[Hashable, FramePrefix | None]) -> Prompt:
+        """The whole prompt prefilled, then its prefix kept for the frame's later prompts."""
+        before_image = ids[:ids.index(IMAGE_TOKEN_INDEX)]
+        length = len(before_image) + self.config.image_tokens
+
+        def fill(row: int) -> Tensor:
+            logits = self.model.prefill(embeds, row)
+            prefix = FramePrefix(tuple(before_image), self.model.llm.read_cache(row, length))
+            prefixes[frame] = prefix
+            self.prefix_cache.put(frame, prefix)
+            self.prefix_cache.count(hit=False)
+            return logits
+
+        return Prompt(embeds.shape[1], fill)
+
+    def _prompt_from_prefix(self, ids: list[int], frame: Hashable, prefixes: dict[Hashable, FramePrefix | None]
+                            ) -> Prompt:
+        """The frame's prefix loaded into the row, then the text after the image prefilled on top of it."""
+        tail = self.model.embed_prompt(ids[ids.index(IMAGE_TOKEN_INDEX) + 1:], None)
+
+        def fill(row: int) -> Tensor:
+            prefix = prefixes[frame]
+            assert prefix is not None, "rows are filled in order: the frame's first row computed its prefix"
+            self.prefix_cache.count(hit=True)
+            self.model.llm.write_cache(row, prefix.kv)
+            return self.model.prefill(tail, row, start=prefix.length)
+
+        return Prompt(len(ids) - 1 + self.config.image_tokens, fill)
+
     @torch.inference_mode()
     def ask(self, image: Image.Image | np.ndarray, turns: str | Sequence[str],
             params: SamplingParams = SamplingParams(),
             on_text: Callable[[str, int], None] | None = None,
-            cancelled: Callable[[], bool] | None = None) -> Answer:
+            cancelled: Callable[[], bool] | None = None, frame_key: Hashable | None = None) -> Answer:
         """Answer the last user turn about the image. turns: one question, or user/assistant/.../user texts.
         cancelled is polled after the vision encode, after the prefill and between tokens: a cancel during the
-        encode or the prefill returns no tokens, a later one stops within one token (stopped_by "cancelled")."""
-        return self.ask_batch([image], [turns], params, [on_text], [cancelled])[0]
+        encode or the prefill returns no tokens, a later one stops within one token (stopped_by "cancelled").
+        frame_key: names the frame for the prefix cache (see ask_batch)."""
+        return self.ask_batch([image], [turns], params, [on_text], [cancelled], [frame_key])[0]
 
     @torch.inference_mode()
     def ask_batch(self, images: Sequence[Image.Image | np.ndarray], turns: Sequence[str | Sequence[str]],
                   params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                   on_text: Sequence[Callable[[str, int], None] | None] | None = None,
-                  cancelled: Sequence[Callable[[], bool] | None] | None = None) -> list[Answer]:
+                  cancelled: Sequence[Callable[[], bool] | None] | None = None,
+                  frame_keys: Sequence[Hashable | None] | None = None) -> list[Answer]:
         """ask() for several images at once, each with its own turns (and, given a list, its own params,
         on_text and cancelled): one batched vision encode, prefill and decode (generate.generate_batch), and
         each answer the one ask() gives for that image alone (greedy: the same ids; float32 logits within
         summation order). Every row is checked (check_fits, params) before any work. A row cancelled during the
-        encode skips the prefill; the others go on."""
+        encode skips the prefill; the others go on.
+
+        frame_keys[b] names row b's frame (any hashable; None: not cached). With a prefix cache, a frame asked
+        about before skips preprocessing, the vision encoder and most of the prefill (prefix_cache.py); the
+        answer is the same (float32 logits within summation order)."""
         n = len(images)
         if len(turns) != n:
             raise ValueError(f"{n} images but {len(turns)} questions: give one question (or turn list) per image")
         row_params = [params] * n if isinstance(params, SamplingParams) else list(params)
         row_on_text = list(on_text) if on_text is not None else [None] * n
         row_cancelled = list(cancelled) if cancelled is not None else [None] * n
-        if not n == len(row_params) == len(row_on_text) == len(row_cancelled):
-            raise ValueError("params, on_text and cancelled need one entry per image")
+        row_keys = list(frame_keys) if frame_keys is not None else [None] * n
+        if not n == len(row_params) == len(row_on_text) == len(row_cancelled) == len(row_keys):
+            raise ValueError("params, on_text, cancelled and frame_keys need one entry per image")
         for p in row_params:
             p.validate()
         start = time.perf_counter()
         input_ids = [self.prompt_ids(t) for t in turns]
         for ids, p in zip(input_ids, row_params):
             self.check_fits(ids, p.max_new_tokens)
-        pixels = torch.cat([self.pixel_values(image) for image in images])
-        preprocessed = time.perf_counter()
-        image_tokens = self.encode_images(pixels.to(self.device))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        encoded = time.perf_counter()
-        embeds = [self.model.embed_prompt(ids, image_tokens[b:b + 1]) for b, ids in enumerate(input_ids)]
-        embedded = time.perf_counter()
-        outs: list[Generation | None] = [None] * n
-        go = []
-        for b in range(n):
-            if row_cancelled[b] is not None and row_cancelled[b]():
-                outs[b] = Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=0.0, decode_ms=0.0)
-            else:
-                go.append(b)
-        if go:
-            self.model.llm.setup_cache(self.max_seq_len, len(go))
-            generated = generate_batch(self.model, self.decode_step, self.tokenizer, [embeds[b] for b in go],
-                                       [row_params[b] for b in go], [row_on_text[b] for b in go],
-                                       [row_cancelled[b] for b in go])
-            for b, out in zip(go, generated):
-                outs[b] = out
+        rows = self._rows(images, input_ids, row_keys, row_cancelled)  # a row cancelled by now gets no prefill
+        outs: dict[int, Generation] = {}
+        if rows.go:
+            self.model.llm.setup_cache(self.max_seq_len, len(rows.go))
+            generated = generate_batch(self.model, self.decode_step, self.tokenizer, rows.prompts,
+                                       [row_params[b] for b in rows.go], [row_on_text[b] for b in rows.go],
+                                       [row_cancelled[b] for b in rows.go])
+            outs = dict(zip(rows.go, generated))
+        cached = dict(zip(rows.go, rows.from_prefix))
         total_ms = (time.perf_counter() - start) * 1e3
         answers = []
-        for b, out in enumerate(outs):
-            assert out is not None
+        for b in range(n):
+            out = outs.get(b) or Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=0.0, decode_ms=0.0)
             decode_tokens = max(len(out.ids) - 1, 0)  # the first token comes out of the prefill
             timings = {
-                "preprocess_ms": (preprocessed - start) * 1e3,
-                "vision_ms": (encoded - preprocessed) * 1e3,
+                "preprocess_ms": rows.preprocess_ms if rows.encoded[b] else 0.0,  # none for a cached frame
+                "vision_ms": rows.vision_ms if rows.encoded[b] else 0.0,
                 "prefill_ms": out.prefill_ms,
-                "prefill_tokens": float(embeds[b].shape[1]),
-                "ttft_ms": (embedded - start) * 1e3 + out.prefill_ms,
+                "ttft_ms": rows.preprocess_ms + rows.vision_ms + rows.embed_ms + out.prefill_ms,
                 "decode_ms": out.decode_ms,
                 "decode_tokens_per_s": (decode_tokens / (out.decode_ms / 1e3)
                                         if decode_tokens and out.decode_ms else 0.0),
                 "total_ms": total_ms,
             }
-            answers.append(Answer(out.text, input_ids[b], out.ids, out.stopped_by, timings))
+            answers.append(Answer(out.text, input_ids[b], out.ids, out.stopped_by, timings, cached.get(b, False)))
         return answers
+
+    @torch.inference_mode()
+    def choose(self, image: Image.Image | np.ndarray, turns: str | Sequence[str], choices: Sequence[str],
+               frame_key: Hashable | None = None) -> Choice:
+        """The one of choices the model finds most likely as the answer to the last user turn (choices.py)."""
+        return self.choose_batch([image], [turns], [choices], [frame_key])[0]
+
+    @torch.inference_mode()
+    def choose_batch(self, images: Sequence[Image.Image | np.ndarray], turns: Sequence[str | Sequence[str]],
+                     choices: Sequence[Sequence[str]], frame_keys: Sequence[Hashable | None] | None = None
+                     ) -> list[Choice]:
+        """choose() for several images (or several questions about one frame key: one vision pass and one
+        prefix), with no sampling and no decode loop: each prompt prefilled (its frame's prefix from the cache
+        when there), then every choice scored (choices.score). ValueError for choices that check_choices
+        refuses; every row is checked before any work."""
+        n = len(images)
+        row_keys = list(frame_keys) if frame_keys is not None else [None] * n
+        if not n == len(turns) == len(choices) == len(row_keys):
+            raise ValueError("turns, choices and frame_keys need one entry per image")
+        for row_choices in choices:
+            check_choices(row_choices)
+        start = time.perf_counter()
+        input_ids = [self.prompt_ids(t) for t in turns]
+        choice_ids = []
+        for t, ids, row_choices in zip(turns, input_ids, choices):
+            prompt = build_prompt([t] if isinstance(t, str) else list(t))
+            choice_ids.append([continuation_ids(ids, tokenize_with_image(prompt + " " + c.strip(), self.tokenizer),
+                                                c) for c in row_choices])
+        longest = max(len(ids) for row in choice_ids for ids in row)  # padded to in choices.score
+        for ids in input_ids:
+            self.check_fits(ids, longest)
+        rows = self._rows(images, input_ids, row_keys, [None] * n)
+        self.model.llm.setup_cache(self.max_seq_len, n)
+        filled = time.perf_counter()
+        scored = [ScoredPrompt(b, prompt.length, prompt.fill(b), choice_ids[b])
+                  for b, prompt in enumerate(rows.prompts)]
+        prefilled = time.perf_counter()
+        log_likelihoods = score(self.model.llm, scored)
+        done = time.perf_counter()
+        return [choice_of(choices[b], log_likelihoods[b], input_ids[b], rows.from_prefix[b], {
+            "preprocess_ms": rows.preprocess_ms if rows.encoded[b] else 0.0,
+            "vision_ms": rows.vision_ms if rows.encoded[b] else 0.0,
+            "prefill_ms": (prefilled - filled) * 1e3,
+            "score_ms": (done - prefilled) * 1e3,
+            "total_ms": (done - start) * 1e3}) for b in range(n)]
