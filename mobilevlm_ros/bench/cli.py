@@ -8,6 +8,9 @@ process. Prints a table and the ratios; writes results.json, results.md and a pl
     mobilevlm dev bench --gpu-check                       # the prepared GPU check (scripts/gpu_check.sh)
     mobilevlm dev bench --models MobileVLM_V2-1.7B --configs ours-bf16 --batch-curve 1,2,4,8 --rounds 3 \
         --code-before /tmp/before   # ask_batch vs ask one after another; lone ask() against an older checkout
+    mobilevlm dev bench --e2e --models MobileVLM_V2-1.7B \
+        --configs ours-bf16,node-bf16,llamacpp-F16,ours-int8-dynamic,llamacpp-Q8_0 --rounds 3 \
+        --code-before /tmp/before   # image in, answer out, against llama.cpp's MobileVLM path (e2e.py)
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ OURS = {"ours-fp32": {"dtype": "float32"}, "ours-bf16": {"dtype": "bfloat16"},
         "ours-fp32-mkl": {"dtype": "float32", "onednn": False}}
 HF = {"hf-fp32": {"dtype": "float32"}, "hf-bf16": {"dtype": "bfloat16"}}
 LLAMACPP = {"llamacpp-F16": "F16", "llamacpp-Q8_0": "Q8_0", "llamacpp-Q4_0": "Q4_0"}
+# --e2e only: our configurations served by the real node over DDS (e2e.py)
+NODE = {"node-bf16": {"dtype": "bfloat16"}, "node-int8-dynamic": {"dtype": "float32", "quant": "int8-dynamic"}}
 BITS = {"ours-fp32": 32, "ours-fp32-mkl": 32, "ours-bf16": 16, "ours-int8": 8, "ours-int8-dynamic": 8,
         "ours-int4": 4, "llamacpp-F16": 16, "llamacpp-Q8_0": 8, "llamacpp-Q4_0": 4}
 
@@ -111,17 +116,46 @@ def run_spec(spec: dict, timeout: float, script: list[str] | None = None, env: d
     return {**spec, "error": " | ".join(tail) or f"exit code {proc.returncode}"}
 
 
-def gguf_file(model: str, qtype: str, cache: Path, seed: int, llm_layers: int | None, timeout: float) -> Path:
-    """The GGUF for (model, qtype, seed), written once by a subprocess (so its memory is not counted)."""
-    name = f"{model}-L{llm_layers or 'all'}-seed{seed}-{qtype}.gguf"
-    path = cache / name
-    if not path.is_file():
-        code = ("import sys, json; from pathlib import Path; from mobilevlm_ros.bench.gguf_export import write_gguf;"
-                "from mobilevlm_ros.bench.models import real_config; a = json.loads(sys.argv[1]);"
-                "write_gguf(real_config(a['model'], a['layers']), Path(a['path']), a['qtype'], a['seed'])")
-        arg = json.dumps({"model": model, "layers": llm_layers, "path": str(path), "qtype": qtype, "seed": seed})
-        subprocess.run([sys.executable, "-c", code, arg], check=True, timeout=timeout)
+def gguf_file(model: str, qtype: str, cache: Path, seed: int, llm_layers: int | None, timeout: float,
+              demo_vocabulary: bool = False) -> Path:
+    """The GGUF for (model, qtype, seed), written once by a subprocess (so its memory is not counted).
+    demo_vocabulary: with the bundled demo model's tokenizer (text prompts tokenise as in our pipeline)."""
+    name = f"{model}-L{llm_layers or 'all'}-seed{seed}-{qtype}{'-demo-vocab' if demo_vocabulary else ''}.gguf"
+    return _written_once(cache / name, "write_gguf(config, path, a['qtype'], a['seed'], tokenizer_model=a['vocab'])",
+                         {"model": model, "layers": llm_layers, "qtype": qtype, "seed": seed,
+                          "vocab": str(DEMO_TOKENIZER) if demo_vocabulary else None}, timeout)
+
+
+DEMO_TOKENIZER = Path(__file__).resolve().parent.parent / "demo_model" / "tokenizer.model"
+
+
+def _written_once(path: Path, call: str, arg: dict, timeout: float) -> Path:
+    """path, made by `call` (gguf_export's or models' writer of config, path) in a subprocess unless it exists."""
+    if not path.exists():
+        code = ("import sys, json; from pathlib import Path;"
+                "from mobilevlm_ros.bench.gguf_export import write_gguf, write_projector_gguf;"
+                "from mobilevlm_ros.bench.models import real_config, write_checkpoint; a = json.loads(sys.argv[1]);"
+                "config = real_config(a['model'], a.get('layers'), a.get('vision_layers')); path = Path(a['path']);"
+                + call)
+        subprocess.run([sys.executable, "-c", code, json.dumps({**arg, "path": str(path)})], check=True,
+                       timeout=timeout)
     return path
+
+
+def projector_gguf_file(model: str, cache: Path, seed: int, vision_layers: int | None, timeout: float) -> Path:
+    """The vision tower + projector GGUF (F16, as llama.cpp's converter writes by default) for (model, seed)."""
+    return _written_once(cache / f"{model}-V{vision_layers or 'all'}-seed{seed}-mmproj-f16.gguf",
+                         "write_projector_gguf(config, path, a['seed'])",
+                         {"model": model, "vision_layers": vision_layers, "seed": seed}, timeout)
+
+
+def checkpoint_dir(model: str, cache: Path, seed: int, llm_layers: int | None, vision_layers: int | None,
+                   timeout: float) -> Path:
+    """The seeded model written in the published layout (bfloat16 weights), for the node."""
+    return _written_once(cache / f"{model}-L{llm_layers or 'all'}-V{vision_layers or 'all'}-seed{seed}-checkpoint",
+                         "write_checkpoint(config, path, a['seed'])",
+                         {"model": model, "layers": llm_layers, "vision_layers": vision_layers, "seed": seed},
+                         timeout)
 
 
 def measure_config(model: str, config: str, args: argparse.Namespace) -> dict:
@@ -160,6 +194,64 @@ def measure_batch_curve(model: str, config: str, args: argparse.Namespace, code_
     r = run_spec(spec, args.timeout, [str(Path(__file__).with_name("batching.py"))], env)
     r["wall_s"] = round(time.time() - start, 1)
     return r
+
+
+def measure_e2e(model: str, config: str, args: argparse.Namespace, code_before: str | None = None) -> dict:
+    """The end-to-end scenarios (e2e.py) of one configuration in its own process; code_before: a directory holding
+    an older checkout's mobilevlm_ros, whose ask() then answers (without the frame prefix cache)."""
+    spec = {"model": model, "config": config, "threads": args.threads or None, "seed": args.seed,
+            "llm_layers": args.llm_layers, "vision_layers": args.vision_layers, "repeat": args.repeat,
+            "code_before": code_before}
+    cache = Path(args.gguf_cache)
+    try:
+        if config in OURS:
+            spec.update(stack="ours", **OURS[config])
+        elif config in NODE:
+            spec.update(stack="node", **NODE[config])
+            spec["checkpoint"] = str(checkpoint_dir(model, cache, args.seed, args.llm_layers, args.vision_layers,
+                                                    args.timeout))
+        else:
+            spec.update(stack="llamacpp", gguf=LLAMACPP[config])
+            spec["gguf_path"] = str(gguf_file(model, LLAMACPP[config], cache, args.seed, args.llm_layers,
+                                              args.timeout, demo_vocabulary=True))
+            spec["mmproj_path"] = str(projector_gguf_file(model, cache, args.seed, args.vision_layers, args.timeout))
+    except (subprocess.SubprocessError, OSError, ValueError) as e:
+        return {**spec, "error": f"writing the model files failed: {e}"}
+    env = None
+    if code_before:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [code_before,
+                                                                         os.environ.get("PYTHONPATH")]))}
+    start = time.time()
+    r = run_spec(spec, args.timeout, [str(Path(__file__).with_name("e2e.py"))], env)
+    r["wall_s"] = round(time.time() - start, 1)
+    return r
+
+
+def e2e_main(models: list[str], configs: list[str], args: argparse.Namespace, out: Path, hw: dict) -> int:
+    """--e2e: per round, per model and configuration, the scenarios (and with --code-before, our configurations
+    on the older code), in turns (the order reversed every other round); the ratios are per round, then medians."""
+    from .e2e import e2e_ratios, e2e_table, median_rows, plot_e2e
+
+    runs = [(c, None) for c in configs] + [(c, args.code_before) for c in configs if args.code_before and c in OURS]
+    results: list[dict] = []
+    per_round: list[dict] = []
+    for round_index in range(args.rounds):
+        this_round = []
+        for model in models:
+            for config, code_before in (runs if round_index % 2 == 0 else runs[::-1]):
+                r = measure_e2e(model, config, args, code_before)
+                r["round"] = round_index
+                this_round.append(r)
+                results.append(r)
+                status = r.get("error") or (f"(a) {r['a']['wall_ms']:.0f} ms (TTFT {_fmt(r['a'].get('ttft_ms'), 0)}), "
+                                            f"(b) {r['b']['wall_ms']:.0f} ms, (c) {r['c']['wall_ms']:.0f} ms")
+                label = config + (" (code before)" if code_before else "")
+                print(f"{model:18s} {label:34s} {status}", flush=True)
+                (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
+        per_round.append(e2e_ratios(this_round))
+    medians = median_rows(results)
+    return write_report(out, hw, results, medians, median_ratios(per_round), e2e_table(medians),
+                        "Ratios (medians of the rounds' ratios):", lambda: plot_e2e(medians, hw, out / "e2e.png"))
 
 
 def batch_curve_main(models: list[str], configs: list[str], args: argparse.Namespace, out: Path, hw: dict) -> int:
@@ -353,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mobilevlm dev bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(REAL_MODELS), help="comma-separated, from: " + ", ".join(REAL_MODELS))
-    p.add_argument("--configs", help="comma-separated subset of: " + ", ".join([*OURS, *HF, *LLAMACPP]))
+    p.add_argument("--configs", help="comma-separated subset of: " + ", ".join([*OURS, *HF, *LLAMACPP])
+                   + "; with --e2e also " + ", ".join(NODE))
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="threads per configuration (default: all cores)")
@@ -369,9 +462,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-curve", metavar="SIZES",
                    help="comma-separated batch sizes: B captions through ask_batch against the same B through ask "
                         "one after another, and a lone ask(), for our --configs (decode tokens: --decode-tokens)")
+    p.add_argument("--e2e", action="store_true",
+                   help="end-to-end scenarios against llama.cpp's MobileVLM path (e2e.py): (a) a cold question, "
+                        "(b) a caption, (c) three questions about one frame, and our frame-cache and choice "
+                        "scenarios; configurations: ours-*, node-*, llamacpp-*")
+    p.add_argument("--repeat", type=int, default=3, help="with --e2e: new frames per scenario in a round (median)")
     p.add_argument("--code-before", metavar="DIR",
-                   help="with --batch-curve: a directory with an older checkout's mobilevlm_ros package (e.g. "
-                        "git archive c9942bb mobilevlm_ros | tar -x -C DIR); its ask() runs the lone request too")
+                   help="with --batch-curve or --e2e: a directory with an older checkout's mobilevlm_ros package "
+                        "(e.g. git archive c9942bb mobilevlm_ros | tar -x -C DIR); its ask() runs the lone "
+                        "request (--batch-curve) or the scenarios (--e2e) too")
     p.add_argument("--gpu-check", action="store_true", help="run the GPU check instead (needs CUDA)")
     args = p.parse_args(argv)
     if args.gpu_check:
@@ -387,9 +486,19 @@ def main(argv: list[str] | None = None) -> int:
     have = available_configs()
     configs = have if not args.configs else [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        if c not in {*OURS, *HF, *LLAMACPP}:
+        if c not in {*OURS, *HF, *LLAMACPP, *NODE} or (c in NODE and not args.e2e):
             p.error(f"unknown config {c!r}")
-    if args.batch_curve:
+    if args.e2e:
+        if args.batch_curve:
+            p.error("--e2e and --batch-curve are separate runs")
+        if args.repeat < 1:
+            p.error("--repeat must be at least 1")
+        if not args.configs:
+            configs = ["ours-bf16", "ours-int8-dynamic", "llamacpp-F16", "llamacpp-Q8_0"]
+        if [c for c in configs if c in HF]:
+            p.error("--e2e measures ours (ours-*, node-*) and llama.cpp (llamacpp-*)")
+        have = have + list(NODE)
+    elif args.batch_curve:
         try:
             args.batch_sizes = [int(b) for b in args.batch_curve.split(",") if b.strip()]
         except ValueError:
@@ -400,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
             configs = ["ours-bf16"]
         if [c for c in configs if c not in OURS]:
             p.error("--batch-curve measures our configurations only")
-    elif args.code_before:
-        p.error("--code-before goes with --batch-curve")
+    elif args.code_before and not args.e2e:
+        p.error("--code-before goes with --batch-curve or --e2e")
     skipped = [c for c in configs if c not in have]
     configs = [c for c in configs if c in have]
     if skipped:
@@ -414,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{hw['memory_gib']} GiB, torch {hw['torch']}", flush=True)
     if args.batch_curve:
         return batch_curve_main(models, configs, args, out, hw)
+    if args.e2e:
+        return e2e_main(models, configs, args, out, hw)
     results: list[dict] = []
     per_round: list[list[dict]] = []
     for round_index in range(args.rounds):

@@ -132,3 +132,31 @@ def random_projector(config: MobileVLMConfig, dtype: torch.dtype = torch.float32
             full = ".".join(x for x in ("mm_projector", mod_name, pname) if x)
             setattr(module, pname, nn.Parameter(init_tensor(full, tuple(p.shape), seed, dtype), requires_grad=False))
     return projector.eval()
+
+
+def write_checkpoint(config: MobileVLMConfig, out_dir, seed: int = 0, dtype: torch.dtype = torch.bfloat16):
+    """The seeded model as a MobileVLM_V2 checkpoint directory in the published layout (train/export.py's: config
+    files, the CLIP directory config.json names, the whole CLIP tower embedded in model.safetensors), with the
+    bundled demo model's tokenizer (the benchmark's prompts; ids past its 512 pieces are never text), for the node.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ..train.export import VISION_PREFIX, write_configs
+
+    if config.projector_type != "ldpnetv2":
+        raise ValueError("the published layout written here is MobileVLM_V2's (ldpnetv2 projector, CLIP tower "
+                         "embedded); V1 checkpoints keep the tower in a separate CLIP directory")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {VISION_PREFIX + name.removeprefix("vision_model."): t.to(dtype)
+               for name, t in hf_clip_state(config, seed)}
+    tensors.update({"model.mm_projector." + name: t.to(dtype)
+                    for name, t in random_projector(config, seed=seed).state_dict().items()})
+    tensors.update({name: t.to(dtype) for name, t in hf_llama_state(config, seed)})
+    demo = Path(__file__).resolve().parent.parent / "demo_model" / "tokenizer.model"
+    (out_dir / "tokenizer.model").write_bytes(demo.read_bytes())
+    write_configs(out_dir, config)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
