@@ -1,17 +1,18 @@
 """Camera intake without ROS: decode ``sensor_msgs/Image`` and ``sensor_msgs/CompressedImage`` payloads to RGB, and
-keep the newest frame of each camera for the inference worker.
+keep the recent frames of each camera for the inference worker.
 
 The ROS node copies the message fields into :meth:`Frame.from_raw` / :meth:`Frame.from_compressed` in its
 subscription callback (cheap: nothing is decoded there) and :meth:`FrameStore.put` s the frame. A request that needs
-an image takes :meth:`FrameStore.latest` and calls :meth:`Frame.rgb`, which decodes once and caches the result.
-Every problem with a frame is a :class:`FrameError` whose ``code`` is :data:`UNSUPPORTED_ENCODING` or
-:data:`BAD_FRAME`.
+an image takes :meth:`FrameStore.latest` (or :meth:`FrameStore.find` for a named frame) and calls :meth:`Frame.rgb`,
+which decodes once and caches the result. Every problem with a frame is a :class:`FrameError` whose ``code`` is
+:data:`UNSUPPORTED_ENCODING` or :data:`BAD_FRAME`.
 """
 from __future__ import annotations
 
 import io
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
@@ -292,25 +293,53 @@ class FrameAge:
 
 
 class FrameStore:
-    """Thread-safe newest frame per camera: ``put`` replaces, nothing queues."""
+    """Thread-safe recent frames per camera: the newest, and for ``frame_stamp`` follow-ups the last ``history``
+    frames received and the last ``history`` frames answered about (:meth:`keep`). A follow-up names a frame an
+    answer's image_header named, so those stay available for as many further answers of their camera, however fast
+    the camera publishes; the received ones let a client name a frame it saw on the camera topic itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, history: int = 1) -> None:
+        self.history = history
         self._lock = threading.Lock()
-        self._frames: dict[str, Frame] = {}
+        self._received: dict[str, deque[Frame]] = {}
+        self._kept: dict[str, deque[Frame]] = {}
         self._last_reported: dict[tuple[str, str], float] = {}
 
     def put(self, frame: Frame) -> None:
         with self._lock:
-            self._frames[frame.camera_id] = frame
+            self._received.setdefault(frame.camera_id, deque(maxlen=self.history)).append(frame)
 
     def latest(self, camera_id: str) -> Frame | None:
         with self._lock:
-            return self._frames.get(camera_id)
+            frames = self._received.get(camera_id)
+            return frames[-1] if frames else None
+
+    def keep(self, frame: Frame) -> None:
+        """Hold ``frame`` (answered about) for follow-ups after newer frames have pushed it out of the received
+        ones."""
+        with self._lock:
+            kept = self._kept.setdefault(frame.camera_id, deque(maxlen=self.history))
+            if frame not in kept:
+                kept.append(frame)
+
+    def find(self, camera_id: str, stamp_sec: int, stamp_nanosec: int) -> Frame | None:
+        """The held frame of camera_id with this header stamp (the newest of them, should a driver repeat a stamp),
+        or None when none is held."""
+        with self._lock:
+            held = [*self._kept.get(camera_id, ()), *self._received.get(camera_id, ())]
+        matches = [f for f in held if (f.stamp_sec, f.stamp_nanosec) == (stamp_sec, stamp_nanosec)]
+        return max(matches, key=lambda f: f.seq) if matches else None
+
+    def held(self, camera_id: str) -> list[Frame]:
+        """Every frame of camera_id held now, oldest first (for messages and tests)."""
+        with self._lock:
+            frames = {f.seq: f for f in (*self._kept.get(camera_id, ()), *self._received.get(camera_id, ()))}
+        return [frames[seq] for seq in sorted(frames)]
 
     def cameras(self) -> list[str]:
         """Cameras that have delivered a frame, in order of their first frame."""
         with self._lock:
-            return list(self._frames)
+            return list(self._received)
 
     def report_due(self, camera_id: str, code: str, period_s: float, now: float | None = None) -> bool:
         """True when ``code`` was not reported for ``camera_id`` in the last ``period_s`` seconds (and records

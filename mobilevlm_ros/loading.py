@@ -15,17 +15,36 @@ class LoadedModel:
     pipeline: object  # MobileVLMPipeline
     vision: object  # engines.provision.VisionBackend
     manifest: str  # "verified N files" or "absent"
-    memory: str  # the memory check's log line
+    memory: str  # the memory check's log line (the model's, then the prefix cache's)
 
 
 def _info(logger):
     return (lambda line: logger.info(line)) if logger is not None else (lambda line: None)
 
 
+def check_prefix_cache(frames: int, frame_bytes: int, available_bytes: int | None, where: str,
+                       reserve_bytes: int = 0) -> str:
+    """The prefix cache full (frames x frame_bytes) against the memory left once the model is loaded: raises
+    MemoryCheckError with the numbers when it would not fit; returns a line for the log. (The cache grows as frames
+    are asked about, so it is checked at its bound, not at what it holds at start.)"""
+    from .manifest import MemoryCheckError, format_bytes
+
+    line = f"prefix cache up to {frames} frames x {format_bytes(frame_bytes)} = {format_bytes(frames * frame_bytes)}"
+    if available_bytes is None:
+        return f"{line} (not checked: {where})"
+    usable = available_bytes - reserve_bytes
+    if frames * frame_bytes > usable:
+        raise MemoryCheckError(f"refusing to serve: {line}, but only {format_bytes(usable)} is usable after loading "
+                               f"the model ({where}{' minus memory_reserve_mb' if reserve_bytes else ''}); lower "
+                               "prefix_cache_frames")
+    return f"{line}; {format_bytes(usable)} usable"
+
+
 def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     """Verify, then load: the manifest (when present, or required), free memory against the model's needs, the
     model, and the vision encoder on the configured backend (engines reused, built under a lock when
-    build_engines allows it, or the torch path as a logged fallback). Raises with the reason on any problem."""
+    build_engines allows it, or the torch path as a logged fallback), then the prefix cache's full size
+    (prefix_cache_frames x one frame's prefix) against the memory left. Raises with the reason on any problem."""
     from .engines.provision import provision_visual_encoder
     from .manifest import (ManifestError, available_memory, check_manifest, check_memory, estimate_model_memory,
                            has_manifest)
@@ -64,7 +83,12 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     warn = (lambda line: logger.warning(line)) if logger is not None else (lambda line: None)
     engine, vision = provision_visual_encoder(config.backend, model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)
-    pipeline = MobileVLMPipeline(model, tokenizer, config.max_seq_len, fast_paths, engine)
+    pipeline = MobileVLMPipeline(model, tokenizer, config.max_seq_len, fast_paths, engine,
+                                 prefix_cache_frames=config.prefix_cache_frames)
+    if config.prefix_cache_frames:
+        memory += "; " + check_prefix_cache(config.prefix_cache_frames, pipeline.prefix_nbytes(),
+                                            *available_memory(config.device), config.memory_reserve_mb << 20)
+        info(f"memory: {memory}")
     info(f"kernels: {'oneDNN' if fast_paths.onednn_layers else 'torch'} Linear layers, {fast_paths.decode_step} "
          "decode step")
     if engine is not None:

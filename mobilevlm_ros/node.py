@@ -1,9 +1,12 @@
 """mobilevlm_node: the ROS 2 node over :mod:`mobilevlm_ros.server` (llama_ros's split: the core has no ROS).
 
 Interfaces (all names relative, so ``__ns:=/robot7`` gives ``/robot7/ask_scene``):
-- subscribes to each configured camera (``sensor_msgs/Image`` or ``CompressedImage``), keeping only its newest frame;
+- subscribes to each configured camera (``sensor_msgs/Image`` or ``CompressedImage``), keeping its newest frame and,
+  for requests that name a frame by ``frame_stamp``, the last ``frame_history`` frames received and answered about;
 - service ``ask_scene`` and action ``ask_scene`` (mobilevlm_ros/AskScene), topic ``caption``
   (mobilevlm_ros/SceneCaption), and ``/diagnostics`` (diagnostic_msgs/DiagnosticArray);
+- standing monitors: topic ``monitors`` (mobilevlm_ros/SceneMonitor), service ``set_monitor``
+  (mobilevlm_ros/SetMonitor) and topic ``monitor_set`` (mobilevlm_ros/MonitorSet, transient local);
 - the standard lifecycle services (``<node>/change_state``, ``<node>/get_state``, ...).
 
 One node class, a managed (lifecycle) node; two executables differ only in how it starts:
@@ -17,7 +20,7 @@ Transitions:
 - configure: parameters are read and validated, the model directory is checked against its manifest (when it has
   one, or always with ``require_manifest``), free memory against the model's needs, then the model and the vision
   engines are loaded. Any failure leaves the node unconfigured with the reason in the log and on /diagnostics.
-- activate: camera intake, captions and request serving start.
+- activate: camera intake, captions, monitors and request serving start.
 - deactivate: new requests answer NOT_ACTIVE at once; intake and captions stop; requests in flight get
   ``deactivate_timeout_s`` to finish and are then cancelled and answered NOT_ACTIVE. None is dropped.
 - cleanup: the model, its server and (on CUDA) the cached GPU memory are released.
@@ -54,7 +57,9 @@ from .ros.captions import Captions
 from .ros.diagnostics import CameraHealth, NodeHealth, diagnostic_status
 from .ros.endpoints import AskSceneEndpoints
 from .ros.intake import CameraIntake
+from .ros.monitors import MonitorEndpoints
 from .ros.parameters import NodeParameters
+from .monitors import MonitorBoard
 from .server import SHUTTING_DOWN_MESSAGE, AdmissionGate, ErrorCode, SceneResult, SceneServer
 
 SUCCESS = TransitionCallbackReturn.SUCCESS
@@ -80,7 +85,7 @@ class MobileVLMNode(LifecycleNode):
         self.config: NodeConfig | None = None
         self.loaded: LoadedModel | None = None
         self.server: SceneServer | None = None
-        self.frames = FrameStore()  # the newest frame per camera, filled by the intake while active
+        self.frames = FrameStore()  # recent frames per camera, filled by the intake while active
         self.problem = ""  # why the last configure failed, for /diagnostics
         self.finalized = threading.Event()
         self.gate = AdmissionGate()
@@ -93,6 +98,7 @@ class MobileVLMNode(LifecycleNode):
         self.endpoints = AskSceneEndpoints(self, self.gate, self._log_result)
         self.captions = Captions(self, self.create_lifecycle_publisher(SceneCaption, "caption", 10), timers,
                                  self._log_result)
+        self.monitors = MonitorEndpoints(self, self._log_result)
         self.diagnostics_publisher = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._timer_group = timers
         self._diagnostics_period_s = float(self.get_parameter("diagnostics_period_s").value)
@@ -110,19 +116,25 @@ class MobileVLMNode(LifecycleNode):
             log.info(f"configuring: loading {config.model_path} ({config.backend}, {config.device}, {config.dtype})")
             started = time.monotonic()
             loaded = load_pipeline(config, log)
-            frames = FrameStore()
+            frames = FrameStore(config.frame_history)
             server = SceneServer(loaded.pipeline, frames, config.server,
-                                 FrameAge(config.server.frame_age_from, now_ns=self._now_ns))
+                                 FrameAge(config.server.frame_age_from, now_ns=self._now_ns),
+                                 MonitorBoard(config.monitors))
             problem = config.caption_rate_hz > 0 and server.prompt_fits(config.caption_prompt,
                                                                         config.caption_max_new_tokens)
             if problem:
                 server.shutdown()
                 raise ValueError(f"caption_prompt does not fit: {problem}")
+            monitor_problem = next(filter(None, map(server.monitor_problem, config.monitors)), None)
+            if monitor_problem is not None:
+                server.shutdown()
+                raise ValueError(monitor_problem.error_message)
         except Exception as e:  # noqa: BLE001 - every problem leaves the node unconfigured with its reason
             self.problem = _reason(e)
             log.error(f"configure failed: {self.problem}")
             return FAILURE
         self.config, self.loaded, self.server, self.frames, self.problem = config, loaded, server, frames, ""
+        self.monitors.configure(server)
         self._set_diagnostics_period(config.diagnostics_period_s)
         self.gate.set_state("inactive")
         log.info(f"configured in {time.monotonic() - started:.1f} s (vision: {loaded.vision.active}"
@@ -135,7 +147,8 @@ class MobileVLMNode(LifecycleNode):
         if result != SUCCESS:
             return result
         config = self.config
-        self.intake.start(config.cameras, self.frames)
+        self.monitors.start()
+        self.intake.start(config.cameras, self.frames, self.monitors.on_frame)
         self.captions.start(self.server, config.caption_cameras, config.caption_prompt,
                             config.caption_max_new_tokens, config.caption_rate_hz)
         self.gate.open(self.server)
@@ -146,6 +159,7 @@ class MobileVLMNode(LifecycleNode):
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
         self.captions.stop()
         self.intake.stop()
+        self.monitors.stop()
         timeout = self.config.deactivate_timeout_s
         in_flight, cancelled = self.gate.deactivate(timeout)
         self.gate.set_state("inactive")
@@ -167,6 +181,7 @@ class MobileVLMNode(LifecycleNode):
         self.gate.close(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE)
         self.captions.stop()
         self.intake.stop()
+        self.monitors.stop()
         if self.server is not None:
             self.server.shutdown()  # queued requests answered SHUTTING_DOWN, the running one stops within a token
         if not self.endpoints.wait_idle(SHUTDOWN_TIMEOUT_S):  # the executor keeps turning on other threads
@@ -183,6 +198,7 @@ class MobileVLMNode(LifecycleNode):
         try:
             self.captions.stop()
             self.intake.stop()
+            self.monitors.stop()
             self.gate.deactivate(0.0)
             self._release_model()
         except Exception as e:  # noqa: BLE001 - recovering: report, then go back to unconfigured
@@ -197,6 +213,7 @@ class MobileVLMNode(LifecycleNode):
         if server is None:
             return True
         server.shutdown()
+        self.monitors.configure(None)
         device = self.config.device
         pipeline_ref = weakref.ref(self.loaded.pipeline)
         self.server = self.loaded = None

@@ -14,11 +14,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .monitors import DEFAULT_CHOICES, MIN_RATE_HZ, Monitor, monitor_problem
 from .options import BACKENDS, COMPILE_MODES, DTYPES, FRAME_AGE_SOURCES, QUANTIZE_MODES, RELIABILITIES, TRANSPORTS
 from .server import ServerConfig
 
 MAX_QUEUE_LENGTH = 64
 MIN_SEQ_LEN = 256  # 144 image tokens plus room for a prompt and an answer
+MAX_FRAME_HISTORY = 1000
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,16 @@ PARAMETERS: tuple[Param, ...] = (
           "clock, which follows /clock with use_sim_time) or `arrival` (when it was received; for cameras whose "
           "clock does not agree with this machine's); frames stamped zero are always judged by arrival",
           choices=FRAME_AGE_SOURCES),
-    Param("max_frame_age_s", 1.0, "a newest frame older than this answers `STALE_FRAME`", minimum=1e-3, live=True),
+    Param("max_frame_age_s", 1.0, "a newest frame older than this answers `STALE_FRAME` (a frame named by "
+          "`frame_stamp` is answered whatever its age)", minimum=1e-3, live=True),
+    Param("frame_history", 8, "frames of each camera held for requests naming one by `frame_stamp`: the last N "
+          "received and the last N answered about (by requests, captions or monitors), so an answer's "
+          "`image_header` stays good for follow-ups however fast the camera publishes; others answer `FRAME_GONE`",
+          minimum=1, maximum=MAX_FRAME_HISTORY),
+    Param("prefix_cache_frames", 4, "frames whose prompt prefix (KV cache up to and including the image tokens) is "
+          "kept, least recently used out first, so further questions, choices and monitors about a frame skip its "
+          "vision pass and prefix prefill; counted by the start-up memory check, shown on /diagnostics; 0: off",
+          minimum=0),
     Param("max_new_tokens", 64, "default answer length in tokens", minimum=1, live=True),
     Param("temperature", 0.0, "default sampling temperature (0: greedy)", minimum=0.0, live=True),
     Param("queue_length", 4, "requests that may wait behind the running one; more answer `BUSY`", minimum=1,
@@ -99,6 +110,10 @@ PARAMETERS: tuple[Param, ...] = (
     Param("caption_prompt", "Describe the scene.", "the caption question", live=True),
     Param("caption_cameras", [""], "cameras to caption (an empty entry: the default camera)"),
     Param("caption_max_new_tokens", 48, "caption length in tokens", minimum=1, live=True),
+    Param("monitors", [""], "standing monitor names (letters, digits, _); each has `monitor.NAME.question`, "
+          "`monitor.NAME.camera`, `monitor.NAME.rate_hz` and `monitor.NAME.choices`, and is answered on new frames "
+          "of its camera and published on `monitors`; empty entries are ignored (the default declares none); "
+          "changed at run time through the `set_monitor` service"),
     Param("diagnostics_period_s", 1.0, "/diagnostics period", minimum=1e-3),
     Param("deactivate_timeout_s", 5.0, "on deactivate, how long requests in flight may finish before they are "
           "cancelled (`NOT_ACTIVE`)", minimum=0.0, live=True),
@@ -120,6 +135,19 @@ def camera_parameters(camera_id: str, transport: str = "raw") -> tuple[Param, ..
         Param(prefix + "reliability", "auto", "subscription reliability: `auto` matches the publishers' (as "
               "`ros2 bag record` does; reliable when every publisher is), or `best_effort` / `reliable`",
               choices=RELIABILITIES),
+    )
+
+
+def monitor_parameters(name: str) -> tuple[Param, ...]:
+    """The parameters of one standing monitor."""
+    prefix = f"monitor.{name}."
+    return (
+        Param(prefix + "question", "", "the monitor's question (required)"),
+        Param(prefix + "camera", "", "camera it watches; empty: the default camera"),
+        Param(prefix + "rate_hz", 1.0, "at most this many answers per second, each on a new frame of its camera",
+              minimum=MIN_RATE_HZ),
+        Param(prefix + "choices", list(DEFAULT_CHOICES), "the allowed answers (1 to 16, distinct); the most likely "
+              "is published with its probability"),
     )
 
 
@@ -160,6 +188,9 @@ class NodeConfig:
     caption_prompt: str
     caption_cameras: tuple[str, ...]
     caption_max_new_tokens: int
+    monitors: tuple[Monitor, ...]
+    frame_history: int
+    prefix_cache_frames: int
     diagnostics_period_s: float
     deactivate_timeout_s: float
 
@@ -208,6 +239,16 @@ def read_config(value: Callable[[str], object], check_files: bool = True) -> Nod
     check(all(c in camera_ids for c in caption_cameras),
           f"caption_cameras {caption_cameras}: every entry must be one of cameras {camera_ids}")
 
+    monitors = []
+    for name in filter(None, v["monitors"]):
+        question, camera, rate_hz, choices = (get(p) for p in monitor_parameters(name))
+        monitors.append(Monitor(name, question, camera or default_camera, rate_hz, tuple(choices)))
+        problem = monitor_problem(name, question, rate_hz, choices)
+        check(problem is None, str(problem))
+        check(monitors[-1].camera_id in camera_ids,
+              f"monitor.{name}.camera {camera!r} is not one of cameras {camera_ids}")
+    check(len({m.name for m in monitors}) == len(monitors), f"monitors {list(v['monitors'])}: names must be distinct")
+
     cameras = []
     for camera_id in camera_ids:
         transport_param = camera_parameters(camera_id)[0]
@@ -232,15 +273,19 @@ def read_config(value: Callable[[str], object], check_files: bool = True) -> Nod
                             max_batch=v["max_batch"]),
         caption_rate_hz=v["caption_rate_hz"], caption_prompt=v["caption_prompt"],
         caption_cameras=tuple(caption_cameras), caption_max_new_tokens=v["caption_max_new_tokens"],
+        monitors=tuple(monitors), frame_history=v["frame_history"], prefix_cache_frames=v["prefix_cache_frames"],
         diagnostics_period_s=v["diagnostics_period_s"], deactivate_timeout_s=v["deactivate_timeout_s"])
+
+
+_YAML_NOT_STRINGS = {"yes", "no", "true", "false", "on", "off", "null", "~"}
 
 
 def _text(value) -> str:
     """A default as README and YAML show it."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(f'"{v}"' if not v else v for v in value) + "]"
+    if isinstance(value, list):  # quoted where YAML would read something else (rcl reads yes/no as booleans)
+        return "[" + ", ".join(f'"{v}"' if not v or v.lower() in _YAML_NOT_STRINGS else v for v in value) + "]"
     if isinstance(value, str):
         return f'"{value}"' if not value or value[0] in "`[{\"" or ":" in value else value
     return str(value)
@@ -249,7 +294,7 @@ def _text(value) -> str:
 def markdown_table() -> str:
     """README's parameter table (test_params checks that README holds exactly this)."""
     rows = ["| parameter | default | applies | meaning |", "|---|---|---|---|"]
-    for param in (*PARAMETERS, *camera_parameters("ID")):
+    for param in (*PARAMETERS, *camera_parameters("ID"), *monitor_parameters("NAME")):
         default = param.default if param.name != "camera.ID.topic" else "ID/image_raw (.../compressed)"
         choices = " One of: " + ", ".join(f"`{_text(c)}`" for c in param.choices) + "." if param.choices else ""
         applies = "next request" if param.live else ("at start" if param.name == "autostart" else "configure")
@@ -272,6 +317,13 @@ def yaml_defaults() -> str:
     for param in camera_parameters("front"):
         lines.append(f"        # {param.description.replace('`', '')}")
         lines.append(f"        {param.name.rsplit('.', 1)[1]}: {_text(param.default)}")
+    lines += ["    # A standing monitor, with monitors: [pedestrian] (its defaults; the question is required):",
+              "    # monitor:", "    #   pedestrian:"]
+    example = {"question": "Is there a pedestrian on the road?"}
+    for param in monitor_parameters("pedestrian"):
+        key = param.name.rsplit(".", 1)[1]
+        lines.append(f"    #     # {param.description.replace('`', '')}")
+        lines.append(f"    #     {key}: {_text(example.get(key, param.default))}")
     return "\n".join(lines) + "\n"
 
 

@@ -9,9 +9,19 @@ Threading: ``submit`` never blocks (a full queue answers BUSY at once); the mode
 a job's ``done`` event is set exactly once, on every path (answer, error, cancel, shutdown), so no caller waits
 forever. Cancelling a job that still waits in the queue answers it CANCELLED at once.
 
-Batching: the worker takes every job that is waiting when it is free, up to ``max_batch``, and runs them as one
-batch (MobileVLMPipeline.ask_batch: each answer is the one the job gets alone); it never waits for more to come.
-A lone job goes through MobileVLMPipeline.ask.
+Batching: the worker takes every job that is waiting when it is free, up to ``max_batch``, and runs them together
+(questions and captions through MobileVLMPipeline.ask_batch, a lone one through ask; requests with choices and
+monitor ticks through choose_batch): each answer is the one the job gets alone; it never waits for more to come.
+Every row names its frame (camera id, frame seq) as its prefix cache key, so questions about one frame share its
+vision pass and prompt prefix.
+
+Frames: a request answers about its camera's newest frame when inference starts, or, given ``frame_stamp``, about
+exactly that frame while the FrameStore holds it (FRAME_GONE otherwise, never another frame). A named frame is
+answered whatever its age: the client chose it, and the store's history bounds how old it can be.
+
+Monitors (monitors.py): on each new frame of a camera, the monitors due on it run as one job of one choose_batch
+(one vision pass, one shared prefix); requests take priority: a tick is skipped, not queued, while requests wait or
+run, and a queued tick is dropped when a request arrives (both counted as ``monitors_skipped``).
 """
 from __future__ import annotations
 
@@ -23,6 +33,8 @@ from dataclasses import dataclass, field, replace
 
 from .camera import Frame, FrameAge, FrameError, FrameStore
 from .model import PromptTooLongError, SamplingParams
+from .model.choices import check_choices
+from .monitors import DEFAULT_CHOICES, Monitor, MonitorAnswer, MonitorBoard, monitor_problem
 
 
 class ErrorCode:
@@ -40,6 +52,8 @@ class ErrorCode:
     SHUTTING_DOWN = "SHUTTING_DOWN"
     NOT_ACTIVE = "NOT_ACTIVE"
     INFERENCE_FAILED = "INFERENCE_FAILED"
+    FRAME_GONE = "FRAME_GONE"
+    UNKNOWN_MONITOR = "UNKNOWN_MONITOR"  # SetMonitor only
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,8 @@ class SceneRequest:
     camera_id: str = ""  # empty: the default camera
     max_new_tokens: int = 0  # 0: the server's default
     temperature: float = -1.0  # negative: the server's default; 0: greedy
+    frame_stamp: tuple[int, int] = (0, 0)  # (sec, nanosec) of the frame to answer about; zero: the newest
+    choices: tuple[str, ...] = ()  # given: the answer is the most likely of them (no sampling, no decoding)
 
 
 @dataclass
@@ -63,21 +79,28 @@ class SceneResult:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    choice_probabilities: list[float] = field(default_factory=list)  # with choices: each one's, in their order
+    monitor_answers: list[MonitorAnswer] = field(default_factory=list)  # a monitor tick's, one per monitor
 
 
 class Job:
-    """One accepted (or immediately answered) request. ``wait`` returns its result; ``cancel`` is honoured within
-    one generated token."""
+    """One accepted (or immediately answered) request, caption or monitor tick. ``wait`` returns its result;
+    ``cancel`` is honoured within one generated token.
+
+    ``frame``: the frame it must answer about (a request's frame_stamp, a monitor tick's frame); None: the camera's
+    newest when inference starts. ``monitors``: a monitor tick's monitors (empty for everything else)."""
 
     def __init__(self, request: SceneRequest, camera_id: str, params: SamplingParams,
                  on_text: Callable[[str, str, int], None] | None = None, is_caption: bool = False,
-                 not_before_seq: int = -1):
+                 not_before_seq: int = -1, frame: Frame | None = None, monitors: tuple[Monitor, ...] = ()):
         self.request = request
         self.camera_id = camera_id
         self.params = params
         self.on_text = on_text  # (text_delta, partial_answer, tokens_so_far)
         self.is_caption = is_caption
         self.not_before_seq = not_before_seq
+        self.frame = frame
+        self.monitors = monitors
         self.submitted = time.monotonic()
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -120,6 +143,16 @@ class Job:
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def is_request(self) -> bool:
+        """A client's request (not a caption or monitor tick, which give way to requests)."""
+        return not self.is_caption and not self.monitors
+
+    @property
+    def scores_choices(self) -> bool:
+        """Answered by choose_batch (choices or monitors), not by generation."""
+        return bool(self.request.choices) or bool(self.monitors)
+
 
 def _failure(code: str, message: str, camera_id: str = "", frame: Frame | None = None) -> SceneResult:
     return SceneResult(success=False, error_code=code, error_message=message, camera_id=camera_id, frame=frame)
@@ -158,6 +191,8 @@ class Stats:
     inference_failed: int = 0
     captions: int = 0
     captions_skipped: int = 0
+    monitor_answers: int = 0  # monitor answers published (one per monitor per tick)
+    monitors_skipped: int = 0  # monitor ticks skipped (per monitor) because requests were waiting or running
     latencies: dict[str, deque] = field(default_factory=dict)
     # Whether each of the last RECENT_RUNS inference runs failed: /diagnostics warns while any of them did, and
     # recovers once the model has answered that many times in a row.
@@ -187,11 +222,14 @@ SHUTTING_DOWN_MESSAGE = "the node is shutting down"
 class SceneServer:
     """One model, one worker thread, a bounded queue of jobs in front of it."""
 
-    def __init__(self, pipeline, frames: FrameStore, config: ServerConfig, frame_age: FrameAge | None = None):
+    def __init__(self, pipeline, frames: FrameStore, config: ServerConfig, frame_age: FrameAge | None = None,
+                 monitors: MonitorBoard | None = None, monotonic: Callable[[], float] = time.monotonic):
         self.pipeline = pipeline
         self.frames = frames
         self.config = config
         self.frame_age = frame_age or FrameAge(config.frame_age_from)
+        self.monitors = monitors or MonitorBoard()
+        self._monotonic = monotonic
         self.stats = Stats()
         self._stats_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -217,11 +255,22 @@ class SceneServer:
             temperature=config.temperature if request.temperature < 0 else request.temperature)
         job = Job(request, camera_id, params, on_text)
         problem = self._check(request, camera_id, params)
+        if problem is None and any(request.frame_stamp):
+            job.frame = self.frames.find(camera_id, *request.frame_stamp)
+            if job.frame is None:
+                problem = self._frame_gone(camera_id, request.frame_stamp)
         if problem is None:
             problem = self._enqueue(job)
         if problem is not None:
             self._finish(job, problem)
         return job
+
+    def _frame_gone(self, camera_id: str, stamp: tuple[int, int]) -> SceneResult:
+        held = self.frames.held(camera_id)
+        span = (f"it holds {len(held)}, stamped {held[0].stamp_sec}.{held[0].stamp_nanosec:09d} to "
+                f"{held[-1].stamp_sec}.{held[-1].stamp_nanosec:09d}" if held else "it holds none")
+        return _failure(ErrorCode.FRAME_GONE, f"no frame of camera {camera_id!r} stamped {stamp[0]}.{stamp[1]:09d} "
+                        f"is held ({span}; frame_history {self.frames.history})", camera_id)
 
     def submit_caption(self, camera_id: str, prompt: str, max_new_tokens: int,
                        last_seq: int) -> Job | None:
@@ -259,6 +308,12 @@ class SceneServer:
             return str(e)
         return None
 
+    def choices_fit(self, question: str, choices) -> str | None:
+        """Why a question with these choices cannot be scored in this model's context, or None: the prompt plus
+        the longest choice's tokens must fit."""
+        longest = max(len(self.pipeline.tokenizer.encode(" " + choice, bos=False)) for choice in choices)
+        return self.prompt_fits(question, longest)
+
     def _check(self, request: SceneRequest, camera_id: str, params: SamplingParams) -> SceneResult | None:
         question = request.question.strip()
         if not question:
@@ -269,14 +324,22 @@ class SceneServer:
                             f"the limit is {limit}", camera_id)
         try:
             params.validate()
+            if request.choices:
+                check_choices(request.choices)
+                if request.temperature > 0:
+                    raise ValueError(f"temperature {request.temperature:g} with choices: choices are scored, not "
+                                     "sampled; give temperature 0 or negative")
         except ValueError as e:
             return _failure(ErrorCode.BAD_REQUEST, str(e), camera_id)
         if camera_id not in self.config.cameras:
             return _failure(ErrorCode.UNKNOWN_CAMERA, f"unknown camera {camera_id!r}; configured: "
                             f"{', '.join(self.config.cameras)}", camera_id)
-        too_long = self.prompt_fits(question, params.max_new_tokens)
+        too_long = (self.choices_fit(question, request.choices) if request.choices
+                    else self.prompt_fits(question, params.max_new_tokens))
         if too_long:
             return _failure(ErrorCode.PROMPT_TOO_LONG, too_long, camera_id)
+        if any(request.frame_stamp):
+            return None  # a named frame: held or FRAME_GONE (submit), whatever its age
         return self._frame_problem(camera_id, self.frames.latest(camera_id))
 
     def _frame_problem(self, camera_id: str, frame: Frame | None) -> SceneResult | None:
@@ -297,14 +360,78 @@ class SceneServer:
         self._work.notify()
 
     def _enqueue(self, job: Job) -> SceneResult | None:
+        """Queue a request; monitor ticks still waiting make way for it (requests take priority)."""
         with self._state_lock:
             if self._closed:
                 return _failure(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, job.camera_id)
-            if len(self._queue) >= self.config.queue_length:
+            ticks = [queued for queued in self._queue if queued.monitors]
+            if len(self._queue) - len(ticks) >= self.config.queue_length:
                 return _failure(ErrorCode.BUSY, f"{self.config.queue_length} requests are already waiting; "
                                 "try again later", job.camera_id)
+            for tick in ticks:
+                self._queue.remove(tick)
             self._put(job)
+        for tick in ticks:
+            self._skip(tick)
         return None
+
+    def monitor_problem(self, monitor: Monitor) -> SceneResult | None:
+        """Why monitor cannot run on this server (its values, its camera, its fit in the context), or None."""
+        problem = monitor_problem(monitor.name, monitor.question, monitor.rate_hz, monitor.choices)
+        if problem:
+            return _failure(ErrorCode.BAD_REQUEST, problem, monitor.camera_id)
+        if monitor.camera_id not in self.config.cameras:
+            return _failure(ErrorCode.UNKNOWN_CAMERA, f"monitor {monitor.name}: unknown camera "
+                            f"{monitor.camera_id!r}; configured: {', '.join(self.config.cameras)}", monitor.camera_id)
+        too_long = self.choices_fit(monitor.question.strip(), monitor.choices)
+        if too_long:
+            return _failure(ErrorCode.PROMPT_TOO_LONG, f"monitor {monitor.name}: {too_long}", monitor.camera_id)
+        return None
+
+    def set_monitor(self, name: str, question: str, camera_id: str = "", rate_hz: float = 1.0,
+                    choices: tuple[str, ...] = ()) -> SceneResult | None:
+        """Add or change the monitor ``name`` (camera_id empty: the default camera; choices empty: yes/no), or with
+        an empty question remove it. None on success, else the failure (nothing changed)."""
+        if not question.strip():
+            if self.monitors.remove(name):
+                return None
+            return _failure(ErrorCode.UNKNOWN_MONITOR, f"no monitor named {name!r} (monitors: "
+                            f"{', '.join(m.name for m in self.monitors.all()) or 'none'})")
+        monitor = Monitor(name, question, camera_id or self.config.default_camera, rate_hz,
+                          tuple(choices) or DEFAULT_CHOICES)
+        problem = self.monitor_problem(monitor)
+        if problem is None:
+            self.monitors.set(monitor)
+        return problem
+
+    def _skip(self, tick: Job) -> None:
+        with self._stats_lock:
+            self.stats.monitors_skipped += len(tick.monitors)
+        tick.finish(_failure(ErrorCode.CANCELLED, "monitor tick skipped: requests take priority", tick.camera_id))
+
+    # --- monitors ---------------------------------------------------------------------------------------------
+    def submit_monitors(self, camera_id: str) -> Job | None:
+        """A tick of the monitors of camera_id that are due on its newest frame (call it when a frame arrives):
+        one job answering them all about that frame, or None when none is due, the frame is stale, or requests
+        are waiting or running (the tick is then skipped, and counted)."""
+        frame = self.frames.latest(camera_id)
+        if frame is None or self._frame_problem(camera_id, frame) is not None:
+            return None
+        due = tuple(self.monitors.take_due(camera_id, frame.seq, self._monotonic()))
+        if not due:
+            return None
+        with self._state_lock:
+            # Requests first; and at most one tick per camera waits, so a slow worker never piles them up.
+            busy = self._closed or any(job.is_request or (job.monitors and job.camera_id == camera_id)
+                                       for job in (*self._current, *self._queue))
+            if not busy:
+                job = Job(SceneRequest("", camera_id), camera_id, SamplingParams(), frame=frame, monitors=due)
+                self._put(job)
+        if busy:
+            with self._stats_lock:
+                self.stats.monitors_skipped += len(due)
+            return None
+        return job
 
     def _cancel_queued(self, job: Job) -> None:
         """A cancelled job that has not started leaves the queue and is answered now, not after the running one.
@@ -324,6 +451,8 @@ class SceneServer:
                 self.stats.record(result, self.config.latency_window)
                 if job.is_caption:
                     self.stats.captions += 1
+                elif job.monitors:
+                    self.stats.monitor_answers += len(result.monitor_answers)
                 else:
                     self.stats.answered += 1
             elif result.error_code == ErrorCode.BUSY:
@@ -363,10 +492,14 @@ class SceneServer:
                 self._finish(job, prepared)
             else:
                 ready.append((job, *prepared))
-        if not ready:
-            return
-        for (job, frame, _), answer in zip(ready, self._infer(ready)):
-            self._finish(job, self._result(job, frame, answer))
+        scored = [entry for entry in ready if entry[0].scores_choices]
+        generated = [entry for entry in ready if not entry[0].scores_choices]
+        if scored:  # first: scoring is one forward, generation many
+            for (job, frame, _), choices in zip(scored, self._choose(scored)):
+                self._finish(job, self._choice_result(job, frame, choices))
+        if generated:
+            for (job, frame, _), answer in zip(generated, self._infer(generated)):
+                self._finish(job, self._result(job, frame, answer))
 
     def _prepare(self, job: Job) -> SceneResult | tuple[Frame, object]:
         """The frame a job answers about and its image, or why it does not run."""
@@ -374,28 +507,62 @@ class SceneServer:
             return _failure(ErrorCode.CANCELLED, "cancelled before inference started", job.camera_id)
         if self._closed:
             return _failure(ErrorCode.SHUTTING_DOWN, SHUTTING_DOWN_MESSAGE, job.camera_id)
-        # The newest frame at the moment inference starts, not the one seen at submission: a request that waited
-        # in the queue must still answer about the present.
-        frame = self.frames.latest(job.camera_id)
-        problem = self._frame_problem(job.camera_id, frame)
-        if problem is not None:
-            return problem
+        frame = job.frame
+        if frame is None:
+            # The newest frame at the moment inference starts, not the one seen at submission: a request that
+            # waited in the queue must still answer about the present.
+            frame = self.frames.latest(job.camera_id)
+            problem = self._frame_problem(job.camera_id, frame)
+            if problem is not None:
+                return problem
         try:
-            return frame, frame.rgb()
+            image = frame.rgb()
         except FrameError as e:
             return _failure(e.code, e.message, job.camera_id, frame)
+        self.frames.keep(frame)  # its answer names it: a follow-up may ask about it (frame_stamp)
+        return frame, image
 
     def _infer(self, ready: list[tuple[Job, Frame, object]]) -> list:
         """The pipeline's answers for the ready jobs: ask for one, ask_batch for several."""
         on_text = [self._streamer(job) for job, _, _ in ready]
         cancelled = [lambda job=job: job.cancelled or self._closed for job, _, _ in ready]
+        keys = [(job.camera_id, frame.seq) for job, frame, _ in ready]
         if len(ready) == 1:
             job, _, image = ready[0]
             return [self.pipeline.ask(image, job.request.question.strip(), job.params, on_text=on_text[0],
-                                      cancelled=cancelled[0])]
+                                      cancelled=cancelled[0], frame_key=keys[0])]
         return self.pipeline.ask_batch([image for _, _, image in ready],
                                        [job.request.question.strip() for job, _, _ in ready],
-                                       [job.params for job, _, _ in ready], on_text=on_text, cancelled=cancelled)
+                                       [job.params for job, _, _ in ready], on_text=on_text, cancelled=cancelled,
+                                       frame_keys=keys)
+
+    def _choose(self, scored: list[tuple[Job, Frame, object]]) -> list[list]:
+        """The pipeline's choices for each job, in one choose_batch: a request's one row, a monitor tick's one row
+        per monitor (all about its frame, under one key: one vision pass and one shared prefix)."""
+        rows = [(job, frame, image, monitor.question.strip(), monitor.choices) for job, frame, image in scored
+                for monitor in job.monitors] + \
+               [(job, frame, image, job.request.question.strip(), job.request.choices)
+                for job, frame, image in scored if not job.monitors]
+        choices = self.pipeline.choose_batch([image for _, _, image, _, _ in rows], [q for _, _, _, q, _ in rows],
+                                             [list(c) for _, _, _, _, c in rows],
+                                             frame_keys=[(job.camera_id, frame.seq) for job, frame, _, _, _ in rows])
+        by_job: dict[Job, list] = {}
+        for (job, *_), choice in zip(rows, choices):
+            by_job.setdefault(job, []).append(choice)
+        return [by_job[job] for job, _, _ in scored]
+
+    def _choice_result(self, job: Job, frame: Frame, choices: list) -> SceneResult:
+        """A request's answer (its one choice), or a monitor tick's (one per monitor, recorded on the board)."""
+        t = choices[0].timings
+        result = SceneResult(success=True, camera_id=job.camera_id, frame=frame,
+                             vision_ms=t["preprocess_ms"] + t["vision_ms"], prefill_ms=t["prefill_ms"],
+                             decode_ms=t["score_ms"], total_ms=(time.monotonic() - job.submitted) * 1e3)
+        if job.monitors:
+            result.monitor_answers = [self.monitors.record(monitor, choice.answer, choice.probabilities[choice.index])
+                                      for monitor, choice in zip(job.monitors, choices)]
+        else:
+            result.answer, result.choice_probabilities = choices[0].answer, list(choices[0].probabilities)
+        return result
 
     @staticmethod
     def _streamer(job: Job) -> Callable[[str, int], None]:

@@ -516,6 +516,30 @@ def test_store_keeps_only_the_newest_frame_per_camera(rgb_image):
     assert store.cameras() == ["front", "rear"]
 
 
+def test_store_holds_recent_and_answered_frames_for_named_requests(rgb_image):
+    """With a history of 2: the last 2 received frames of each camera and the last 2 kept (answered about) ones are
+    found by their stamp; a kept frame outlives newer frames; a repeated stamp finds the newest of its frames."""
+    store = FrameStore(history=2)
+    frames = [make_frame(CountingDecoder(rgb_image), seq=seq, stamp=(10, seq)) for seq in range(5)]
+    for frame in frames[:3]:
+        store.put(frame)
+    assert store.find("front", 10, 0) is None and store.find("front", 10, 1) is frames[1]
+    assert store.find("rear", 10, 1) is None
+    store.keep(frames[1])
+    store.keep(frames[1])  # kept once
+    for frame in frames[3:]:
+        store.put(frame)
+    assert store.latest("front") is frames[4]
+    assert store.find("front", 10, 1) is frames[1] and store.find("front", 10, 2) is None
+    assert [f.seq for f in store.held("front")] == [1, 3, 4]
+    for frame in frames[2:4]:
+        store.keep(frame)  # 1 falls out of the kept ones
+    assert store.find("front", 10, 1) is None and [f.seq for f in store.held("front")] == [2, 3, 4]
+    repeated = make_frame(CountingDecoder(rgb_image), seq=9, stamp=(10, 3))
+    store.put(repeated)
+    assert store.find("front", 10, 3) is repeated
+
+
 def test_store_put_does_not_decode(rgb_image):
     decoder = CountingDecoder(rgb_image)
     store = FrameStore()

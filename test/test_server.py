@@ -1,5 +1,6 @@
 """The ROS-free serving core with the real tiny checkpoint: validation, queueing, cancel, failures, shutdown, frame
-age, and the admission gate the lifecycle opens and closes."""
+age, the admission gate the lifecycle opens and closes, named frames (frame_stamp), choices and standing
+monitors."""
 from __future__ import annotations
 
 import threading
@@ -12,6 +13,7 @@ from PIL import Image
 from conftest import CHECKPOINTS, REFERENCE, golden_cases
 from mobilevlm_ros.camera import Frame, FrameAge, FrameStore
 from mobilevlm_ros.model import MobileVLMPipeline, SamplingParams
+from mobilevlm_ros.monitors import Monitor, MonitorBoard
 from mobilevlm_ros.server import AdmissionGate, ErrorCode, SceneRequest, SceneServer, ServerConfig, Stats
 
 RGB = np.asarray(Image.open(REFERENCE / "images" / "img0_street_500x300_rgb.png").convert("RGB"))
@@ -42,12 +44,14 @@ def raw_frame(camera_id="front", seq=0, received=1000.0, encoding="rgb8", data=N
                           received_monotonic=received)
 
 
-def make_server(pipeline, clock=None, frame_age_from="stamp", **overrides):
+def make_server(pipeline, clock=None, frame_age_from="stamp", history=1, monitors=(), **overrides):
+    """A server on two cameras; ``clock`` (a Clock) is the frame-age clocks' and the monitors' time."""
     config = ServerConfig(**{"cameras": ("front", "rear"), "default_camera": "front", "max_frame_age_s": 1.0,
                              "max_new_tokens": 8, "queue_length": 2, "frame_age_from": frame_age_from, **overrides})
-    frames = FrameStore()
+    frames = FrameStore(history)
     clock = clock or Clock()
-    server = SceneServer(pipeline, frames, config, FrameAge(frame_age_from, now_ns=clock.ns, monotonic=clock))
+    server = SceneServer(pipeline, frames, config, FrameAge(frame_age_from, now_ns=clock.ns, monotonic=clock),
+                         MonitorBoard(monitors), monotonic=clock)
     return server, frames
 
 
@@ -90,6 +94,17 @@ def test_answer_carries_the_frame_and_timings(pipeline):
     (SceneRequest("q", camera_id="rear"), ErrorCode.NO_FRAME, "no frame received yet from camera 'rear'"),
     (SceneRequest("word " * 300), ErrorCode.PROMPT_TOO_LONG, "context holds 512"),
     (SceneRequest("q", max_new_tokens=400), ErrorCode.PROMPT_TOO_LONG, "context holds 512"),
+    (SceneRequest("q", choices=("yes", " ")), ErrorCode.BAD_REQUEST, "a choice is empty"),
+    (SceneRequest("q", choices=("yes", "no", "yes")), ErrorCode.BAD_REQUEST, "choice 'yes' is given twice"),
+    (SceneRequest("q", choices=tuple(f"c{i}" for i in range(17))), ErrorCode.BAD_REQUEST,
+     "17 choices: at most 16 are allowed"),
+    (SceneRequest("q", choices=("yes", "no"), temperature=0.5), ErrorCode.BAD_REQUEST,
+     "temperature 0.5 with choices: choices are scored, not sampled"),
+    (SceneRequest("q", choices=("yes", "word " * 400)), ErrorCode.PROMPT_TOO_LONG, "context holds 512"),
+    (SceneRequest("q", frame_stamp=(999, 5)), ErrorCode.FRAME_GONE,
+     "no frame of camera 'front' stamped 999.000000005 is held (it holds 1, stamped 1000.000000007 to "
+     "1000.000000007; frame_history 1)"),
+    (SceneRequest("q", camera_id="rear", frame_stamp=(1000, 7)), ErrorCode.FRAME_GONE, "it holds none"),
 ])
 def test_requests_refused_up_front(pipeline, request_, code, message):
     server, frames = make_server(pipeline)
@@ -279,22 +294,31 @@ def test_captions_only_when_idle_and_frame_is_new(pipeline):
 
 
 class RecordingPipeline:
-    """The real pipeline, recording how many jobs each call of the worker runs together (ask: one)."""
+    """The real pipeline, recording how many rows each call of the worker runs together (ask: one) in ``batches``,
+    and each call's method and frame keys in ``calls``."""
 
     def __init__(self, pipeline):
         self._pipeline = pipeline
         self.batches: list[int] = []
+        self.calls: list[tuple[str, list]] = []
 
     def __getattr__(self, name):
         return getattr(self._pipeline, name)
 
-    def ask(self, *args, **kwargs):
+    def ask(self, *args, frame_key=None, **kwargs):
         self.batches.append(1)
-        return self._pipeline.ask(*args, **kwargs)
+        self.calls.append(("ask", [frame_key]))
+        return self._pipeline.ask(*args, frame_key=frame_key, **kwargs)
 
-    def ask_batch(self, images, *args, **kwargs):
+    def ask_batch(self, images, *args, frame_keys=None, **kwargs):
         self.batches.append(len(images))
-        return self._pipeline.ask_batch(images, *args, **kwargs)
+        self.calls.append(("ask_batch", list(frame_keys)))
+        return self._pipeline.ask_batch(images, *args, frame_keys=frame_keys, **kwargs)
+
+    def choose_batch(self, images, *args, frame_keys=None, **kwargs):
+        self.batches.append(len(images))
+        self.calls.append(("choose_batch", list(frame_keys)))
+        return self._pipeline.choose_batch(images, *args, frame_keys=frame_keys, **kwargs)
 
 
 REAR = np.asarray(Image.open(REFERENCE / "images" / "img1_robot_240x420_rgba.png").convert("RGB").resize((500, 300)))
@@ -360,4 +384,235 @@ def test_captions_of_all_cameras_in_one_batch(pipeline):
         assert result.success and result.camera_id == camera and result.frame.camera_id == camera
         assert result.answer == _alone(pipeline, result, "Describe the scene.", 6).text
     assert server.stats.captions == 2 and server.stats.captions_skipped == 2
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cached():
+    """The tiny checkpoint with a prefix cache of 4 frames."""
+    return MobileVLMPipeline.load(CHECKPOINTS / "MobileVLM_V2-tiny", max_seq_len=512, prefix_cache_frames=4)
+
+
+def test_frame_stamp_answers_that_frame_while_held_then_frame_gone(pipeline):
+    """A request naming a frame by its stamp is answered about exactly that frame, however many newer ones came and
+    however old it is; a frame answered about stays held for follow-ups after newer frames pushed it out of the
+    received ones; a frame no longer held is FRAME_GONE at once, never another frame."""
+    clock = Clock()
+    server, frames = make_server(pipeline, clock, history=2)
+    frames.put(raw_frame(seq=0, stamp=(1000, 1), received=clock.now))
+    frames.put(raw_frame(seq=1, stamp=(1000, 2), received=clock.now, data=REAR.tobytes()))
+    named = server.submit(SceneRequest("q", frame_stamp=(1000, 1))).wait(60)
+    assert named.success and named.frame.seq == 0
+    assert named.answer == pipeline.ask(RGB, "q", SamplingParams(max_new_tokens=8)).text
+    newest = server.submit(SceneRequest("q")).wait(60)
+    assert newest.success and newest.frame.seq == 1
+    assert newest.answer == pipeline.ask(REAR, "q", SamplingParams(max_new_tokens=8)).text
+    for seq in (2, 3):  # the received ones now: 2 and 3; the answered ones: 0 and 1
+        frames.put(raw_frame(seq=seq, stamp=(1000, 1 + seq), received=clock.now))
+    clock.now += 5.0  # every frame is now older than max_frame_age_s
+    assert server.submit(SceneRequest("q")).wait(60).error_code == ErrorCode.STALE_FRAME
+    follow_up = server.submit(SceneRequest("q", frame_stamp=(1000, 2))).wait(60)
+    assert follow_up.success and follow_up.frame.seq == 1 and follow_up.answer == newest.answer
+    assert [f.seq for f in frames.held("front")] == [0, 1, 2, 3]
+    for seq in (4, 5):  # frame 2 was received, never answered: pushed out now
+        frames.put(raw_frame(seq=seq, stamp=(1000, 1 + seq), received=clock.now))
+    gone = server.submit(SceneRequest("q", frame_stamp=(1000, 3)))
+    assert gone.done and gone.result.error_code == ErrorCode.FRAME_GONE
+    assert "no frame of camera 'front' stamped 1000.000000003 is held (it holds 4" in gone.result.error_message
+    assert server.submit(SceneRequest("q", frame_stamp=(1000, 1))).wait(60).frame.seq == 0
+    server.shutdown()
+
+
+def test_choices_answer_as_pipeline_choose_and_share_the_frame_prefix(cached):
+    """A request with choices is answered by choose_batch on its frame, under the frame's key: a question and then
+    choices about one frame take one vision pass (the second a prefix cache hit); the answer is the choice
+    pipeline.choose gives, with every choice's probability in order."""
+    recording = RecordingPipeline(cached)
+    server, frames = make_server(recording, frame_age_from="arrival")
+    frames.put(raw_frame(seq=7, received=time.monotonic() + 600))
+    before = cached.prefix_cache.stats()
+    assert server.submit(SceneRequest("What is the robot doing on the street?")).wait(60).success
+    choices = ("yes", "no", "a red car")
+    result = server.submit(SceneRequest("Is there a car?", choices=choices, temperature=0.0)).wait(60)
+    after = cached.prefix_cache.stats()
+    assert recording.calls == [("ask", [("front", 7)]), ("choose_batch", [("front", 7)])]
+    assert (after.hits - before.hits, after.misses - before.misses) == (1, 1)
+    alone = cached.choose(RGB, "Is there a car?", list(choices))
+    assert result.success and result.answer == alone.answer and result.tokens_generated == 0
+    assert result.choice_probabilities == pytest.approx(alone.probabilities, abs=1e-4)
+    assert len(result.choice_probabilities) == 3 and sum(result.choice_probabilities) == pytest.approx(1.0)
+    assert result.frame.seq == 7 and result.vision_ms >= 0 and result.decode_ms > 0
+    server.shutdown()
+
+
+def test_choice_jobs_batch_together_and_questions_through_ask_batch(pipeline):
+    """Jobs ready together: the choice requests run as one choose_batch, the questions as one ask_batch, each row
+    under its frame's key, each answered as alone."""
+    recording = RecordingPipeline(pipeline)
+    server, frames = make_server(recording, frame_age_from="arrival", queue_length=4, max_batch=4)
+    _two_cameras(frames)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(*_):
+        started.set()
+        release.wait(60)
+
+    first = server.submit(SceneRequest("q", max_new_tokens=300), on_text=hold)
+    assert started.wait(60)
+    jobs = [server.submit(SceneRequest("Is it red?", "front", choices=("yes", "no"))),
+            server.submit(SceneRequest("q", "rear", max_new_tokens=4)),
+            server.submit(SceneRequest("Which side?", "rear", choices=("left", "right", "middle"))),
+            server.submit(SceneRequest("q", "front", max_new_tokens=4))]
+    first.cancel()
+    release.set()
+    results = [job.wait(120) for job in jobs]
+    keys = {"front": ("front", 0), "rear": ("rear", 0)}
+    assert recording.calls[1:] == [("choose_batch", [keys["front"], keys["rear"]]),
+                                   ("ask_batch", [keys["rear"], keys["front"]])]
+    for job, result in zip(jobs, results):
+        image = result.frame.rgb()
+        if job.request.choices:
+            alone = pipeline.choose(image, job.request.question, list(job.request.choices))
+            assert result.answer == alone.answer
+            assert result.choice_probabilities == pytest.approx(alone.probabilities, abs=1e-4)
+        else:
+            assert result.answer == _alone(pipeline, result, "q", 4).text and not result.choice_probabilities
+    server.shutdown()
+
+
+def test_monitor_board_due_on_new_frames_at_their_rate():
+    """A monitor is due on a new frame of its camera once its period has passed: never twice on one frame, never on
+    another camera's frames; a changed monitor is due at once and has no previous answer."""
+    fast, slow = Monitor("fast", "q", "front", 10.0), Monitor("slow", "q", "front", 0.5)
+    other = Monitor("other", "q", "rear", 10.0)
+    board = MonitorBoard([fast, slow, other])
+    assert board.take_due("front", 0, 100.0) == [fast, slow]
+    assert board.take_due("front", 0, 200.0) == []  # the same frame
+    assert board.take_due("front", 1, 100.05) == []  # new frame, too soon for both
+    assert board.take_due("front", 2, 100.1) == [fast]
+    assert board.take_due("front", 3, 102.0) == [fast, slow]
+    assert board.take_due("rear", 3, 102.0) == [other]
+    assert [board.record(fast, a, 0.9).changed for a in ("yes", "yes", "no", "no", "yes")] == \
+        [False, False, True, False, True]
+    changed = Monitor("fast", "another question", "front", 10.0)
+    board.set(changed)
+    assert board.take_due("front", 4, 102.0) == [changed]
+    assert board.record(changed, "no", 0.8).changed is False  # no previous answer of the changed monitor
+    assert board.record(fast, "yes", 0.8).changed is False  # the old monitor's late answer is not recorded
+    assert board.remove("slow") and not board.remove("slow")
+    assert [m.name for m in board.all()] == ["fast", "other"]
+
+
+MONITORS = (Monitor("car", "Is there a car?", "front", 5.0), Monitor("sky", "Is the sky blue?", "front", 5.0),
+            Monitor("side", "Which side is the robot on?", "front", 5.0, ("left", "right", "middle")),
+            Monitor("rear_car", "Is there a car?", "rear", 5.0))
+
+
+def test_monitor_tick_answers_all_due_monitors_in_one_choose_batch(cached):
+    """A camera's new frame gives one tick: every due monitor of that camera in one choose_batch under the frame's
+    key (one vision pass, one shared prefix), each answer the one pipeline.choose gives; the same frame never twice;
+    ``changed`` against the monitor's previous answer."""
+    clock = Clock()
+    recording = RecordingPipeline(cached)
+    server, frames = make_server(recording, clock, frame_age_from="arrival", monitors=MONITORS)
+    assert server.submit_monitors("front") is None  # no frame yet
+    frames.put(raw_frame(seq=3, received=clock.now))
+    before = cached.prefix_cache.stats()
+    tick = server.submit_monitors("front")
+    result = tick.wait(60)
+    after = cached.prefix_cache.stats()
+    assert result.success and result.frame.seq == 3
+    assert recording.calls == [("choose_batch", [("front", 3)] * 3)]
+    assert (after.hits - before.hits, after.misses - before.misses) == (2, 1)
+    first = {}
+    for monitor, answer in zip(MONITORS, result.monitor_answers):
+        alone = cached.choose(RGB, monitor.question, list(monitor.choices))
+        assert answer.monitor == monitor and answer.answer == alone.answer and not answer.changed
+        assert answer.probability == pytest.approx(alone.probabilities[alone.index], abs=1e-4)
+        first[monitor.name] = answer.answer
+    assert server.submit_monitors("front") is None  # the same frame: never twice
+    clock.now += 0.1  # a new frame, too soon for a 5 Hz monitor
+    frames.put(raw_frame(seq=4, received=clock.now, data=REAR.tobytes()))
+    assert server.submit_monitors("front") is None
+    clock.now += 0.2
+    result = server.submit_monitors("front").wait(60)
+    assert recording.calls[-1] == ("choose_batch", [("front", 4)] * 3)
+    for answer in result.monitor_answers:
+        alone = cached.choose(REAR, answer.monitor.question, list(answer.monitor.choices))
+        assert answer.answer == alone.answer and answer.changed == (alone.answer != first[answer.monitor.name])
+    assert server.stats.monitor_answers == 6 and server.stats.monitors_skipped == 0
+    server.shutdown()
+
+
+class HoldingPipeline(RecordingPipeline):
+    """RecordingPipeline whose first choose_batch waits for ``release``: a monitor tick that stays running."""
+
+    def __init__(self, pipeline):
+        super().__init__(pipeline)
+        self.holding, self.release = threading.Event(), threading.Event()
+
+    def choose_batch(self, *args, **kwargs):
+        if not self.holding.is_set():
+            self.holding.set()
+            self.release.wait(60)
+        return super().choose_batch(*args, **kwargs)
+
+
+def test_requests_take_priority_over_monitor_ticks(pipeline):
+    """A tick is skipped while a request waits or runs, and a tick still queued is dropped when a request arrives
+    (each monitor of a skipped tick counted); at most one tick per camera waits; ticks never make a request BUSY;
+    the monitors resume on the next frame."""
+    clock = Clock()
+    holding = HoldingPipeline(pipeline)
+    server, frames = make_server(holding, clock, frame_age_from="arrival", monitors=MONITORS, queue_length=1)
+    _two_cameras(frames)
+    running = server.submit_monitors("front")  # runs, held
+    assert holding.holding.wait(60)
+    queued = server.submit_monitors("rear")  # waits: no request is waiting
+    assert queued is not None and not queued.done
+    frames.put(raw_frame("rear", seq=5, received=clock.now))
+    clock.now += 1.0
+    assert server.submit_monitors("rear") is None  # one rear tick waits already
+    assert server.stats.monitors_skipped == 1
+    request = server.submit(SceneRequest("q", "rear", max_new_tokens=4))  # queue_length 1: the tick is no request
+    assert queued.done and queued.result.error_code == ErrorCode.CANCELLED  # dropped for the request
+    assert server.stats.monitors_skipped == 2
+    frames.put(raw_frame(seq=6, received=clock.now))
+    assert server.submit_monitors("front") is None  # a request waits
+    assert server.stats.monitors_skipped == 5
+    holding.release.set()
+    assert running.wait(60).success and request.wait(60).success
+    wait_for(lambda: not server.busy, "the worker to be idle")
+    frames.put(raw_frame(seq=7, received=clock.now))
+    clock.now += 1.0
+    assert server.submit_monitors("front").wait(60).success  # resumed
+    assert server.stats.monitor_answers == 6 and server.stats.answered == 1
+    server.shutdown()
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (("bad name", "q"), ErrorCode.BAD_REQUEST, "monitor name 'bad name': use letters, digits and _"),
+    (("m", "q", "", 0.0), ErrorCode.BAD_REQUEST, "monitor m: rate_hz 0 must be at least 0.001"),
+    (("m", "q", "", 1.0, ("yes", "yes")), ErrorCode.BAD_REQUEST, "monitor m: choice 'yes' is given twice"),
+    (("m", "q", "", 1.0, ("yes", "")), ErrorCode.BAD_REQUEST, "monitor m: a choice is empty"),
+    (("m", "q", "left"), ErrorCode.UNKNOWN_CAMERA, "monitor m: unknown camera 'left'; configured: front, rear"),
+    (("m", "word " * 600), ErrorCode.PROMPT_TOO_LONG, "monitor m: "),
+    (("m", ""), "UNKNOWN_MONITOR", "no monitor named 'm' (monitors: car, sky, side, rear_car)"),
+])
+def test_set_monitor_refuses_what_the_parameters_refuse(pipeline, args, code, message):
+    server, _ = make_server(pipeline, monitors=MONITORS)
+    problem = server.set_monitor(*args)
+    assert problem.error_code == code and message in problem.error_message
+    assert server.monitors.all() == list(MONITORS)  # nothing changed
+    server.shutdown()
+
+
+def test_set_monitor_adds_changes_and_removes(pipeline):
+    server, _ = make_server(pipeline, monitors=MONITORS[:1])
+    assert server.set_monitor("cone", "Is there a cone?") is None  # default camera, yes/no
+    assert server.set_monitor("car", "What color is the car?", "rear", 2.0, ("red", "blue")) is None
+    assert server.monitors.all() == [Monitor("car", "What color is the car?", "rear", 2.0, ("red", "blue")),
+                                     Monitor("cone", "Is there a cone?", "front", 1.0, ("yes", "no"))]
+    assert server.set_monitor("car", "") is None
+    assert [m.name for m in server.monitors.all()] == ["cone"]
     server.shutdown()

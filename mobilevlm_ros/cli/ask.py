@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ..model import CheckpointError, MobileVLMPipeline, PromptTooLongError, SamplingParams
+from ..model.choices import check_choices
 from ..model.loader import expand_path
 from ..model.pipeline import choose_fast_paths, load_checkpoint
 from ..options import BACKENDS, DTYPES, QUANTIZE_MODES
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                    "all in one batch")
     p.add_argument("--chat", type=expand_path,
                    help="JSON list of turns: user, assistant, ..., user (the image goes with the first)")
+    p.add_argument("--choice", action="append", default=[], metavar="ANSWER",
+                   help="given (several times), the answer is the most likely of these (scored, not generated: no "
+                   "sampling options); --json prints choice_probabilities in their order")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -80,6 +84,21 @@ def _load(args: argparse.Namespace) -> MobileVLMPipeline:
     return MobileVLMPipeline(model, tokenizer, args.max_seq_len, fast_paths, engine)
 
 
+def _print_choices(choices: list, args: argparse.Namespace) -> int:
+    """The chosen answers as text (one line, or one per image), or with --json their objects."""
+    if args.json:
+        objects = [{"answer": c.answer, "index": c.index, "choice_probabilities": c.probabilities,
+                    "log_likelihoods": c.log_likelihoods, "input_ids": c.input_ids, "timings": c.timings}
+                   for c in choices]
+        print(json.dumps(objects[0] if len(objects) == 1 else objects, ensure_ascii=False))
+    elif len(choices) == 1:
+        print(choices[0].answer)
+    else:
+        for path, choice in zip(args.image, choices):
+            print(f"{path}: {choice.answer}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -87,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     try:
         params.validate()
+        if args.choice:
+            check_choices(args.choice)
+            if args.temperature > 0:
+                raise ValueError(f"--temperature {args.temperature:g} with --choice: choices are scored, not sampled")
     except ValueError as e:
         parser.error(str(e))
     images = []
@@ -108,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         args.model = DEFAULT_MODEL_DIR
     try:
         vlm = _load(args)
+        if args.choice:
+            return _print_choices(vlm.choose_batch(images, [turns] * len(images), [args.choice] * len(images)),
+                                  args)
         if len(images) == 1:
             answers = [vlm.ask(images[0], turns, params,
                                on_text=None if args.json else lambda piece, _: print(piece, end="", flush=True))]

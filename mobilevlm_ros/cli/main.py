@@ -8,7 +8,7 @@ import sys
 
 # name: (module whose main(argv) runs it, what it is for)
 COMMANDS = {
-    "ask": ("mobilevlm_ros.cli.ask", "answer a question about one or more images, without ROS"),
+    "ask": ("mobilevlm_ros.cli.ask", "answer a question about images (free text or --choice), without ROS"),
     "build-engines": ("mobilevlm_ros.cli.build_engines", "export the vision encoder and build its engine"),
     "manifest": ("mobilevlm_ros.cli.manifest", "write or check a model directory's manifest"),
     "replay-bag": ("mobilevlm_ros.bags", "replay a camera bag through ROS 2 publishers"),

@@ -1,5 +1,5 @@
-"""/diagnostics as a function of the node's state: one status for inference (model, backend, counters, latency
-percentiles) and one per camera (frame age) while active."""
+"""/diagnostics as a function of the node's state: one status for inference (model, backend, counters, monitors, the
+prefix cache, latency percentiles) and one per camera (frame age) while active."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,7 +56,12 @@ def diagnostic_status(health: NodeHealth) -> list[DiagnosticStatus]:
               "answered": stats.answered, "rejected_busy": stats.rejected_busy,
               "rejected_not_active": health.rejected_not_active, "failed": stats.failed,
               "inference_failed": stats.inference_failed, "captions": stats.captions,
-              "captions_skipped": stats.captions_skipped}
+              "captions_skipped": stats.captions_skipped, "monitors": len(server.monitors.all()),
+              "monitor_answers": stats.monitor_answers, "monitors_skipped": stats.monitors_skipped}
+    cache = loaded.pipeline.prefix_cache.stats()
+    values.update({"prefix_cache_hits": cache.hits, "prefix_cache_misses": cache.misses,
+                   "prefix_cache_frames": cache.frames, "prefix_cache_max_frames": cache.max_frames,
+                   "prefix_cache_bytes": cache.nbytes})
     for stage, (p50, p90, p99) in sorted(stats.percentiles().items()):
         values.update({f"{stage}_p50": f"{p50:.1f}", f"{stage}_p90": f"{p90:.1f}", f"{stage}_p99": f"{p99:.1f}"})
     level, messages = DiagnosticStatus.OK, ["serving" if health.state == "active" else health.state]

@@ -52,8 +52,15 @@ def fill_result(target, result: SceneResult) -> None:
     target.prefill_ms = float(result.prefill_ms)
     target.decode_ms = float(result.decode_ms)
     target.total_ms = float(result.total_ms)
+    target.choice_probabilities = [float(p) for p in result.choice_probabilities]
     if result.frame is not None:
         target.image_header = frame_header(result.frame)
+
+
+def scene_request(msg) -> SceneRequest:
+    """An AskScene service request or action goal (they share their fields) as a SceneRequest."""
+    return SceneRequest(msg.question, msg.camera_id, msg.max_new_tokens, msg.temperature,
+                        (msg.frame_stamp.sec, msg.frame_stamp.nanosec), tuple(msg.choices))
 
 
 class AskSceneEndpoints:
@@ -103,8 +110,7 @@ class AskSceneEndpoints:
     def _on_service(self, request, response):
         self._track(+1)
         try:
-            job = self.gate.submit(SceneRequest(request.question, request.camera_id, request.max_new_tokens,
-                                                request.temperature))
+            job = self.gate.submit(scene_request(request))
             job.wait()  # always set: answered, failed, cancelled or shut down
             fill_result(response, self._result(job))
             return response
@@ -134,8 +140,7 @@ class AskSceneEndpoints:
             wake.set()
 
         key = bytes(goal_handle.goal_id.uuid)
-        job = self.gate.submit(SceneRequest(goal.question, goal.camera_id, goal.max_new_tokens, goal.temperature),
-                               on_text)
+        job = self.gate.submit(scene_request(goal), on_text)
         self._action_jobs[key] = job
         job.add_done_callback(lambda _: wake.set())
         try:

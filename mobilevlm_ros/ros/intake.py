@@ -1,5 +1,6 @@
 """Camera intake: one subscription per configured camera, each message copied into a :class:`~mobilevlm_ros.camera.
-Frame` (nothing is decoded in the callback) and kept as that camera's newest frame.
+Frame` (nothing is decoded in the callback), kept as that camera's newest frame, and announced to ``on_frame`` (the
+standing monitors' tick).
 
 Reliability ``auto`` matches the publishers, as ``ros2 bag record`` does: a reliable subscription when every
 publisher of the topic is reliable, else best effort (which matches any publisher). The choice is checked again
@@ -10,6 +11,7 @@ is lost, so 4K frames from a reliable driver reach a reliable subscription only.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -28,13 +30,16 @@ class CameraIntake:
         self.node = node
         self.callback_group = callback_group
         self.frames = FrameStore()  # the node's, given at start
+        self.on_frame: Callable[[str], None] = lambda camera_id: None  # given at start
         self._seq = itertools.count()
         self._cameras: tuple[CameraConfig, ...] = ()
         self._subscriptions: dict[str, tuple[ReliabilityPolicy, object]] = {}
         self._recheck_timer = None
 
-    def start(self, cameras: tuple[CameraConfig, ...], frames: FrameStore) -> None:
+    def start(self, cameras: tuple[CameraConfig, ...], frames: FrameStore,
+              on_frame: Callable[[str], None] = lambda camera_id: None) -> None:
         self.frames = frames
+        self.on_frame = on_frame
         self._cameras = cameras
         for camera in cameras:
             self._subscribe(camera, self._wanted_reliability(camera) or ReliabilityPolicy.BEST_EFFORT)
@@ -91,7 +96,7 @@ class CameraIntake:
             f"{self.reliability(camera.camera_id)}" + (" (auto)" if camera.reliability == "auto" else ""))
 
     def _raw_callback(self, camera_id: str):
-        frames = self.frames
+        frames, on_frame = self.frames, self.on_frame
 
         def callback(msg: Image) -> None:
             try:  # cheap header checks now; pixels are decoded only when a request needs this frame
@@ -102,16 +107,18 @@ class CameraIntake:
                 camera_id=camera_id, seq=next(self._seq), stamp_sec=msg.header.stamp.sec,
                 stamp_nanosec=msg.header.stamp.nanosec, frame_id=msg.header.frame_id, encoding=msg.encoding,
                 width=msg.width, height=msg.height, step=msg.step, is_bigendian=msg.is_bigendian, data=msg.data))
+            on_frame(camera_id)
         return callback
 
     def _compressed_callback(self, camera_id: str):
-        frames = self.frames
+        frames, on_frame = self.frames, self.on_frame
 
         def callback(msg: CompressedImage) -> None:
             frames.put(Frame.from_compressed(
                 camera_id=camera_id, seq=next(self._seq), stamp_sec=msg.header.stamp.sec,
                 stamp_nanosec=msg.header.stamp.nanosec, frame_id=msg.header.frame_id, format=msg.format,
                 data=msg.data))
+            on_frame(camera_id)
         return callback
 
     def report(self, camera_id: str, error: FrameError) -> None:

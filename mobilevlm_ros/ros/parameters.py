@@ -17,7 +17,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from ..params import BY_NAME, LIVE, NodeConfig, Param, camera_parameters, read_config
+from ..params import BY_NAME, LIVE, NodeConfig, Param, camera_parameters, monitor_parameters, read_config
 
 _TYPES = {bool: ParameterType.PARAMETER_BOOL, int: ParameterType.PARAMETER_INTEGER,
           float: ParameterType.PARAMETER_DOUBLE, str: ParameterType.PARAMETER_STRING,
@@ -58,7 +58,7 @@ class NodeParameters:
         self._configured = configured
         self._check_live = check_live
         self._apply_live = apply_live
-        self._camera_params: dict[str, Param] = {}
+        self._per_item_params: dict[str, Param] = {}  # camera.ID.* and monitor.NAME.*
         self.declare(BY_NAME.values())
         node.add_on_set_parameters_callback(self._on_set)
 
@@ -80,22 +80,26 @@ class NodeParameters:
                 raise ValueError(problem)
 
     def read(self, check_files: bool = True) -> NodeConfig:
-        """The validated configuration from the current values (camera parameters are declared for the camera ids
-        in ``cameras``, also ones added since the last configure); check_files: see params.read_config."""
+        """The validated configuration from the current values (camera and monitor parameters are declared for the
+        ids in ``cameras`` and names in ``monitors``, also ones added since the last configure); check_files: see
+        params.read_config."""
         for camera_id in self.node.get_parameter("cameras").value:
             if camera_id:
-                transport = self._declare_camera(camera_parameters(camera_id)[:1])
-                self._declare_camera(camera_parameters(camera_id, transport)[1:])
+                transport = self._declare_per_item(camera_parameters(camera_id)[:1])
+                self._declare_per_item(camera_parameters(camera_id, transport)[1:])
+        for name in self.node.get_parameter("monitors").value:
+            if name:
+                self._declare_per_item(monitor_parameters(name))
         return read_config(lambda name: self.node.get_parameter(name).value, check_files)
 
-    def _declare_camera(self, params: tuple[Param, ...]):
+    def _declare_per_item(self, params: tuple[Param, ...]):
         for param in params:
-            self._camera_params[param.name] = param
+            self._per_item_params[param.name] = param
         self.declare(params)
         return self.node.get_parameter(params[0].name).value
 
     def spec(self, name: str) -> Param | None:
-        return BY_NAME.get(name) or self._camera_params.get(name)
+        return BY_NAME.get(name) or self._per_item_params.get(name)
 
     def _on_set(self, parameters: list[Parameter]) -> SetParametersResult:
         for parameter in parameters:
@@ -105,7 +109,9 @@ class NodeParameters:
             problem = param.check(parameter.value)
             if problem is None and param.name not in LIVE and self._configured():
                 problem = (f"{param.name} is read at configure and the node is configured: it would be ignored. "
-                           "Deactivate and clean up the node (ros2 lifecycle set), set it, then configure again")
+                           + ("Change monitors at run time through the set_monitor service" if
+                              param.name.startswith("monitor") else
+                              "Deactivate and clean up the node (ros2 lifecycle set), set it, then configure again"))
             if problem is None and param.name in LIVE and self._configured():
                 problem = self._check_live(param.name, parameter.value)
             if problem is not None:

@@ -42,7 +42,7 @@ def install() -> None:
 
     real_ask_batch = MobileVLMPipeline.ask_batch
 
-    def ask_batch(self, images, turns, params=None, on_text=None, cancelled=None):
+    def ask_batch(self, images, turns, params=None, on_text=None, cancelled=None, frame_keys=None):
         questions = [_question(t) for t in turns]
         failing = [q for q in questions if FAIL in q]
         if failing:  # a model failure fails the whole batch, as a real one would
@@ -55,7 +55,8 @@ def install() -> None:
             if hold is not None:
                 row_on_text[i] = _holding(row_on_text[i], row_cancelled[i], hold.group(1))
         kwargs = {} if params is None else {"params": params}
-        return real_ask_batch(self, images, turns, on_text=row_on_text, cancelled=row_cancelled, **kwargs)
+        return real_ask_batch(self, images, turns, on_text=row_on_text, cancelled=row_cancelled, frame_keys=frame_keys,
+                              **kwargs)
 
     MobileVLMPipeline.ask_batch = ask_batch
 
