@@ -53,8 +53,9 @@ class ErrorCode:
     NOT_ACTIVE = "NOT_ACTIVE"
     INFERENCE_FAILED = "INFERENCE_FAILED"
     FRAME_GONE = "FRAME_GONE"
-    UNKNOWN_MONITOR = "UNKNOWN_MONITOR"  # SetMonitor only
 
+
+UNKNOWN_MONITOR = "UNKNOWN_MONITOR"  # SetMonitor's own error code (the others it shares with AskScene)
 
 @dataclass(frozen=True)
 class SceneRequest:
@@ -395,7 +396,7 @@ class SceneServer:
         if not question.strip():
             if self.monitors.remove(name):
                 return None
-            return _failure(ErrorCode.UNKNOWN_MONITOR, f"no monitor named {name!r} (monitors: "
+            return _failure(UNKNOWN_MONITOR, f"no monitor named {name!r} (monitors: "
                             f"{', '.join(m.name for m in self.monitors.all()) or 'none'})")
         monitor = Monitor(name, question, camera_id or self.config.default_camera, rate_hz,
                           tuple(choices) or DEFAULT_CHOICES)

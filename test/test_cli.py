@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 from conftest import CHECKPOINTS, REFERENCE, golden_cases
 
@@ -62,6 +64,10 @@ def test_quantized_decoder_answers(mode):
     (["--model", MODEL, "--image", IMAGE, "--dtype", "int3", "q"], "invalid choice: 'int3'"),
     (["--model", MODEL, "--image", IMAGE, "--max-seq-len", "160", "q"], "context holds 160"),
     (["--model", MODEL, "--image", IMAGE, "--chat", "/nonexistent.json"], "cannot read --chat file"),
+    (["--model", MODEL, "--image", IMAGE, "--choice", "yes", "--choice", "yes", "q"], "choice 'yes' is given twice"),
+    (["--model", MODEL, "--image", IMAGE, "--choice", "yes", "--choice", " ", "q"], "a choice is empty"),
+    (["--model", MODEL, "--image", IMAGE, "--choice", "yes", "--temperature", "0.5", "q"],
+     "--temperature 0.5 with --choice: choices are scored, not sampled"),
 ])
 def test_errors_are_reported_cleanly(args, message):
     proc = ask(*args)
@@ -96,6 +102,28 @@ def test_several_images_one_batch_json_list_equals_each_alone(capsys):
         assert {k: v for k, v in got.items() if k != "timings"} == {k: v for k, v in alone.items() if k != "timings"}
         if path == str(REFERENCE / case["image"]):
             assert got["generated_ids"] == case["generated_ids"] and got["answer"] == case["output_text"]
+
+
+def test_choices_answer_with_their_probabilities(tmp_path, capsys):
+    """--choice A --choice B (the bundled demo model on a demo scene with pedestrians): the answer is the choice
+    pipeline.choose gives, the right one, and --json prints choice_probabilities in the order given."""
+    from mobilevlm_ros.cli.ask import main
+    from mobilevlm_ros.demo import DEFAULT_MODEL_DIR
+    from mobilevlm_ros.demo.scenes import make_scene
+    from mobilevlm_ros.model import MobileVLMPipeline
+
+    scene = next(s for s in (make_scene(20240, i) for i in range(100)) if s.count("pedestrian"))
+    image = tmp_path / "scene.png"
+    PILImage.fromarray(scene.image).save(image)
+    question = "Is there a pedestrian on the road?"
+    assert main(["--image", str(image), "--choice", "no", "--choice", "yes", "--json", question]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    alone = MobileVLMPipeline.load(DEFAULT_MODEL_DIR).choose(np.asarray(PILImage.open(image)), question, ["no", "yes"])
+    assert printed["answer"] == alone.answer == "yes" and printed["index"] == 1
+    assert printed["choice_probabilities"] == pytest.approx(alone.probabilities, abs=1e-4)
+    assert printed["choice_probabilities"][1] > 0.5 and sum(printed["choice_probabilities"]) == pytest.approx(1.0)
+    assert main(["--image", str(image), "--choice", "no", "--choice", "yes", question]) == 0
+    assert capsys.readouterr().out == "yes\n"
 
 
 def test_several_images_plain_text_one_line_each():

@@ -1,5 +1,5 @@
-"""The generated interfaces (AskScene service and action, SceneCaption) import, have the documented fields, and
-work over real DDS between two processes.
+"""The generated interfaces (AskScene service and action, SceneCaption, SceneMonitor, MonitorSpec, MonitorSet,
+SetMonitor) import, have the documented fields, and work over real DDS between two processes.
 
 Needs rclpy and the interfaces built (``bash scripts/setup.sh``): skipped without them, a failure under CI
 (test/requirements.py).
@@ -24,9 +24,9 @@ from rclpy.action import ActionClient  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 
 from mobilevlm_ros.action import AskScene as AskSceneAction  # noqa: E402
-from mobilevlm_ros.msg import SceneCaption  # noqa: E402
+from mobilevlm_ros.msg import MonitorSet, MonitorSpec, SceneCaption, SceneMonitor  # noqa: E402
 from mobilevlm_ros.rosenv import isolated_ros_env  # noqa: E402
-from mobilevlm_ros.srv import AskScene  # noqa: E402
+from mobilevlm_ros.srv import AskScene, SetMonitor  # noqa: E402
 
 HELPER = Path(__file__).parent / "ros_helpers" / "ask_scene_server.py"
 TIMEOUT_S = 30.0
@@ -36,6 +36,8 @@ REQUEST_FIELDS = {
     "camera_id": "string",
     "max_new_tokens": "uint32",
     "temperature": "float",
+    "frame_stamp": "builtin_interfaces/Time",
+    "choices": "sequence<string>",
 }
 RESULT_FIELDS = {
     "success": "boolean",
@@ -49,11 +51,12 @@ RESULT_FIELDS = {
     "prefill_ms": "float",
     "decode_ms": "float",
     "total_ms": "float",
+    "choice_probabilities": "sequence<float>",
 }
 ERROR_CODES = (
     "UNKNOWN_CAMERA", "NO_FRAME", "STALE_FRAME", "UNSUPPORTED_ENCODING", "BAD_FRAME", "BAD_REQUEST",
     "PROMPT_TOO_LONG", "BUSY",
-    "CANCELLED", "SHUTTING_DOWN", "NOT_ACTIVE", "INFERENCE_FAILED",
+    "CANCELLED", "SHUTTING_DOWN", "NOT_ACTIVE", "INFERENCE_FAILED", "FRAME_GONE",
 )
 
 
@@ -64,6 +67,7 @@ def test_service_fields():
         assert getattr(AskScene.Response, code) == code
     request = AskScene.Request()
     assert (request.question, request.camera_id, request.max_new_tokens, request.temperature) == ("", "", 0, 0.0)
+    assert (request.frame_stamp.sec, request.frame_stamp.nanosec, list(request.choices)) == (0, 0, [])
     request.temperature = -1.0
     request.max_new_tokens = 2**32 - 1
     response = AskScene.Response()
@@ -96,6 +100,31 @@ def test_scene_caption_fields():
     from rclpy.serialization import deserialize_message, serialize_message
 
     assert deserialize_message(serialize_message(msg), SceneCaption) == msg
+
+
+def test_monitor_interfaces():
+    assert SceneMonitor.get_fields_and_field_types() == {
+        "header": "std_msgs/Header", "name": "string", "camera_id": "string", "question": "string",
+        "answer": "string", "probability": "float", "changed": "boolean"}
+    assert MonitorSpec.get_fields_and_field_types() == {
+        "name": "string", "question": "string", "camera_id": "string", "rate_hz": "double",
+        "choices": "sequence<string>"}
+    assert MonitorSet.get_fields_and_field_types() == {"monitors": "sequence<mobilevlm_ros/MonitorSpec>"}
+    assert SetMonitor.Request.get_fields_and_field_types() == {
+        "name": "string", "question": "string", "camera_id": "string", "rate_hz": "double",
+        "choices": "sequence<string>"}
+    assert SetMonitor.Response.get_fields_and_field_types() == {
+        "success": "boolean", "error_code": "string", "error_message": "string"}
+    from mobilevlm_ros.server import UNKNOWN_MONITOR, ErrorCode
+
+    for code in ("BAD_REQUEST", "UNKNOWN_CAMERA", "UNKNOWN_MONITOR", "PROMPT_TOO_LONG", "NOT_ACTIVE"):
+        assert getattr(SetMonitor.Response, code) == code
+        assert code == UNKNOWN_MONITOR or getattr(ErrorCode, code) == code
+    msg = SceneMonitor(name="walker", camera_id="front", question="Is there a pedestrian?", answer="yes",
+                       probability=0.75, changed=True)
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    assert deserialize_message(serialize_message(msg), SceneMonitor) == msg
 
 
 def test_rosenv_isolation(tmp_path):
