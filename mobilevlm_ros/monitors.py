@@ -17,6 +17,7 @@ from .model.choices import check_choices
 
 DEFAULT_CHOICES = ("yes", "no")
 MIN_RATE_HZ = 1e-3  # once in 1000 s
+DEFAULT_RATE_HZ = 1.0
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # usable in a parameter name (monitor.NAME.question)
 
 

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .monitors import DEFAULT_CHOICES, MIN_RATE_HZ, Monitor, monitor_problem
+from .monitors import DEFAULT_CHOICES, DEFAULT_RATE_HZ, MIN_RATE_HZ, Monitor, monitor_problem
 from .options import BACKENDS, COMPILE_MODES, DTYPES, FRAME_AGE_SOURCES, QUANTIZE_MODES, RELIABILITIES, TRANSPORTS
 from .server import ServerConfig
 
@@ -144,7 +144,7 @@ def monitor_parameters(name: str) -> tuple[Param, ...]:
     return (
         Param(prefix + "question", "", "the monitor's question (required)"),
         Param(prefix + "camera", "", "camera it watches; empty: the default camera"),
-        Param(prefix + "rate_hz", 1.0, "at most this many answers per second, each on a new frame of its camera",
+        Param(prefix + "rate_hz", DEFAULT_RATE_HZ, "at most this many answers per second, each on a new frame of its camera",
               minimum=MIN_RATE_HZ),
         Param(prefix + "choices", list(DEFAULT_CHOICES), "the allowed answers (1 to 16, distinct); the most likely "
               "is published with its probability"),

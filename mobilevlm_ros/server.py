@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from .camera import Frame, FrameAge, FrameError, FrameStore
 from .model import PromptTooLongError, SamplingParams
 from .model.choices import check_choices
-from .monitors import DEFAULT_CHOICES, Monitor, MonitorAnswer, MonitorBoard, monitor_problem
+from .monitors import DEFAULT_CHOICES, DEFAULT_RATE_HZ, Monitor, MonitorAnswer, MonitorBoard, monitor_problem
 
 
 class ErrorCode:
@@ -389,16 +389,17 @@ class SceneServer:
             return _failure(ErrorCode.PROMPT_TOO_LONG, f"monitor {monitor.name}: {too_long}", monitor.camera_id)
         return None
 
-    def set_monitor(self, name: str, question: str, camera_id: str = "", rate_hz: float = 1.0,
+    def set_monitor(self, name: str, question: str, camera_id: str = "", rate_hz: float = 0.0,
                     choices: tuple[str, ...] = ()) -> SceneResult | None:
-        """Add or change the monitor ``name`` (camera_id empty: the default camera; choices empty: yes/no), or with
-        an empty question remove it. None on success, else the failure (nothing changed)."""
+        """Add or change the monitor ``name`` (camera_id empty: the default camera; rate_hz 0: the parameters'
+        default; choices empty: yes/no), or with an empty question remove it. None on success, else the failure
+        (nothing changed)."""
         if not question.strip():
             if self.monitors.remove(name):
                 return None
             return _failure(UNKNOWN_MONITOR, f"no monitor named {name!r} (monitors: "
                             f"{', '.join(m.name for m in self.monitors.all()) or 'none'})")
-        monitor = Monitor(name, question, camera_id or self.config.default_camera, rate_hz,
+        monitor = Monitor(name, question, camera_id or self.config.default_camera, rate_hz or DEFAULT_RATE_HZ,
                           tuple(choices) or DEFAULT_CHOICES)
         problem = self.monitor_problem(monitor)
         if problem is None:

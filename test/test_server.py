@@ -592,7 +592,8 @@ def test_requests_take_priority_over_monitor_ticks(pipeline):
 
 @pytest.mark.parametrize("args,code,message", [
     (("bad name", "q"), ErrorCode.BAD_REQUEST, "monitor name 'bad name': use letters, digits and _"),
-    (("m", "q", "", 0.0), ErrorCode.BAD_REQUEST, "monitor m: rate_hz 0 must be at least 0.001"),
+    (("m", "q", "", -1.0), ErrorCode.BAD_REQUEST, "monitor m: rate_hz -1 must be at least 0.001"),
+    (("m", "q", "", 1e-4), ErrorCode.BAD_REQUEST, "monitor m: rate_hz 0.0001 must be at least 0.001"),
     (("m", "q", "", 1.0, ("yes", "yes")), ErrorCode.BAD_REQUEST, "monitor m: choice 'yes' is given twice"),
     (("m", "q", "", 1.0, ("yes", "")), ErrorCode.BAD_REQUEST, "monitor m: a choice is empty"),
     (("m", "q", "left"), ErrorCode.UNKNOWN_CAMERA, "monitor m: unknown camera 'left'; configured: front, rear"),
@@ -609,7 +610,7 @@ def test_set_monitor_refuses_what_the_parameters_refuse(pipeline, args, code, me
 
 def test_set_monitor_adds_changes_and_removes(pipeline):
     server, _ = make_server(pipeline, monitors=MONITORS[:1])
-    assert server.set_monitor("cone", "Is there a cone?") is None  # default camera, yes/no
+    assert server.set_monitor("cone", "Is there a cone?") is None  # default camera, rate, yes/no
     assert server.set_monitor("car", "What color is the car?", "rear", 2.0, ("red", "blue")) is None
     assert server.monitors.all() == [Monitor("car", "What color is the car?", "rear", 2.0, ("red", "blue")),
                                      Monitor("cone", "Is there a cone?", "front", 1.0, ("yes", "no"))]
