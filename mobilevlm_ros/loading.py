@@ -86,9 +86,10 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     pipeline = MobileVLMPipeline(model, tokenizer, config.max_seq_len, fast_paths, engine,
                                  prefix_cache_frames=config.prefix_cache_frames)
     if config.prefix_cache_frames:
-        memory += "; " + check_prefix_cache(config.prefix_cache_frames, pipeline.prefix_nbytes(),
-                                            *available_memory(config.device), config.memory_reserve_mb << 20)
-        info(f"memory: {memory}")
+        cache = check_prefix_cache(config.prefix_cache_frames, pipeline.prefix_nbytes(),
+                                   *available_memory(config.device), config.memory_reserve_mb << 20)
+        info(f"memory: {cache}")
+        memory += f"; {cache}"
     info(f"kernels: {'oneDNN' if fast_paths.onednn_layers else 'torch'} Linear layers, {fast_paths.decode_step} "
          "decode step")
     if engine is not None:

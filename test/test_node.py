@@ -578,6 +578,11 @@ def test_shutdown_answers_requests_in_flight(tmp_path):
     ({"cuda_graph_compile": "fast"}, ["cuda_graph_compile 'fast'", "max-autotune-no-cudagraphs"]),
     ({"quantize": "int3"}, ["quantize 'int3'", "int8", "int8-dynamic", "int4"]),
     ({"model_path": "/nonexistent"}, ["model_path '/nonexistent' is not a directory"]),
+    ({"monitors": ["m"], "monitor": {"m": {"question": "q", "camera": "left"}}},
+     ["monitor.m.camera 'left' is not one of cameras"]),
+    # The start-up memory check counts the prefix cache at its bound (after the model is loaded).
+    ({"prefix_cache_frames": 10**12}, ["refusing to serve: prefix cache up to 1000000000000 frames x",
+                                       "lower prefix_cache_frames"]),
 ])
 def test_bad_parameters_stop_the_node_with_a_clear_message(tmp_path, change, fragments):
     """A bad value stops the node at start-up (exit code 1) with a message naming the parameter, the value and what
