@@ -20,6 +20,7 @@ from requirements import require_module
 rclpy = require_module("rclpy")
 
 from action_msgs.msg import GoalStatus  # noqa: E402
+from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 
 from mobilevlm_ros.action import AskScene as AskSceneAction  # noqa: E402
@@ -32,6 +33,7 @@ from mobilevlm_ros.srv import AskScene, SetMonitor  # noqa: E402
 from ros_helpers.scripted_node import RELEASE_DIR_ENV  # noqa: E402
 from rosgraph import SCRIPTED_NODE_EXE, Graph, interrupt, wait_until  # noqa: E402
 from test_node import image_msg, inference_values, start_robot, stamp_ns  # noqa: E402
+from test_node_params import set_parameter  # noqa: E402
 
 NS = "/robot9"
 WALKER = "Is there a pedestrian on the road?"
@@ -126,6 +128,7 @@ def robot(graph, release_dir):
     node.create_subscription(SceneMonitor, f"{NS}/monitors", robot.monitors.append, MONITOR_QOS)
     node.create_subscription(MonitorSet, f"{NS}/monitor_set", robot.monitor_sets.append, SET_QOS)
     robot.set_monitor = node.create_client(SetMonitor, f"{NS}/set_monitor")
+    robot.set = node.create_client(SetParameters, f"{NS}/mobilevlm_node/set_parameters")
     graph.wait_for_service(robot.set_monitor, robot.process)
     yield robot
     assert robot.process.proc.poll() is None, "the node died during the tests:\n" + robot.process.log()
@@ -349,6 +352,8 @@ def test_set_monitor_adds_changes_and_removes(robot, bag):
         response = call_set_monitor(robot, *args)
         assert (response.success, response.error_code) == (False, code) and message in response.error_message
     assert monitor_set(robot).keys() == {"walker", "car_color"}
+    refused = set_parameter(robot.graph, robot, "monitor.walker.question", "Is there a cone?")
+    assert not refused.successful and "through the set_monitor service" in refused.reason
 
     cone = "Is there a cone on the road?"
     assert call_set_monitor(robot, "cone", cone).success

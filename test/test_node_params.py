@@ -81,6 +81,7 @@ def test_parameters_are_described(graph, robot):
 
 @pytest.mark.parametrize("name,value,reason", [
     ("model_path", "/other/model", "model_path is read at configure and the node is configured"),
+    ("prefix_cache_frames", 8, "prefix_cache_frames is read at configure and the node is configured"),
     ("dtype", "int3", "dtype 'int3': expected one of float32, bfloat16, float16"),
     ("temperature", -1.0, "temperature"),
     ("max_new_tokens", 5000, "max_new_tokens 5000: no question would fit"),
