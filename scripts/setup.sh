@@ -2,13 +2,20 @@
 # From a fresh clone to a working CPU environment in .venv: the package (editable), its test tools, the ROS 2
 # Kilted wheels and this package's interfaces, and the TensorRT type check's tools (pyright from npm into
 # build/tools, the TensorRT 10 stubs into the venv). Idempotent; every step is skipped when already done.
+# With `jazzy`: the same in .venv-jazzy with the ROS 2 Jazzy wheels instead, for the ROS test files on a second
+# distribution (scripts/test_jazzy.sh); the TensorRT type check's tools are left out there.
 #
-#   bash scripts/setup.sh            # PYTHON=python3.10 or VENV=/path override the defaults
+#   bash scripts/setup.sh [kilted|jazzy]   # default kilted; PYTHON=python3.10 or VENV=/path override the defaults
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DISTRO=${1:-kilted}
 PYTHON=${PYTHON:-python3}
-VENV=${VENV:-$REPO/.venv}
+case $DISTRO in
+  kilted) VENV=${VENV:-$REPO/.venv} ;;
+  jazzy) VENV=${VENV:-$REPO/.venv-jazzy} ;;
+  *) echo "setup.sh: unknown ROS 2 distribution '$DISTRO' (kilted or jazzy)" >&2; exit 1 ;;
+esac
 # Pinned: the TensorRT type check (test_engines.py) must mean the same on every machine.
 PYRIGHT_VERSION=1.1.414
 TENSORRT_STUBS_VERSION=10.13.0.35.1
@@ -20,7 +27,8 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 # build of several GB. Everything after it only needs "torch", which 2.13.0 then satisfies.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e "$REPO[test]"
-VENV=$VENV bash "$REPO/scripts/setup_ros.sh"
+VENV=$VENV bash "$REPO/scripts/setup_ros.sh" "$DISTRO"
+[[ $DISTRO == kilted ]] || exit 0  # the TensorRT type check runs on Kilted only
 
 # The TensorRT 10 stubs: type information only (they install an empty `tensorrt` namespace, which
 # engines/tensorrt_backend.py tells from a real TensorRT). --no-deps: they would pull in nothing useful.

@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
-# Set up ROS 2 (Kilted, from PyPI wheels) in a Python venv and build this package's interfaces for development.
+# Set up ROS 2 (from PyPI wheels: Kilted, or Jazzy) in a Python venv and build this package's interfaces for
+# development.
 #
-#   VENV=/path/to/venv bash scripts/setup_ros.sh     # default VENV: .venv in the repository root
+#   bash scripts/setup_ros.sh [kilted|jazzy]          # default kilted
+#   VENV=/path/to/venv bash scripts/setup_ros.sh ...  # default VENV: .venv (kilted), .venv-jazzy (jazzy)
+#
+# Each distribution has its own venv and its own build directory, build/ros (kilted) or build/ros-jazzy: their
+# wheels share unprefixed names (ros-rclpy, ...), so one venv never holds both (this script refuses a venv that
+# holds the other distribution's). Kilted is what the whole test suite runs on; Jazzy (rclpy 7, an older API line,
+# Fast DDS 2) runs the ROS test files as a second distribution (scripts/test_jazzy.sh).
 #
 # The venv must exist already (python3 -m venv); it need not be activated. Idempotent: a re-run skips every
 # step that is already done. What it does (each step below says why):
-#   1. pip-installs the ROS 2 Kilted runtime and interface-build wheels (+ catkin-pkg, which ament_cmake_core
-#      needs to read package.xml and no wheel pulls in without colcon), and rosbags, if any is missing;
+#   1. pip-installs the distribution's ROS 2 runtime and interface-build wheels (+ catkin-pkg, which
+#      ament_cmake_core needs to read package.xml and no wheel pulls in without colcon), and rosbags, if any is
+#      missing;
 #   2. rewrites the manylinux build container's include paths in the wheels' exported CMake files (once);
-#   3. builds msg/ srv/ action/ with plain CMake into build/ros/install (NOT into the venv: in development the
+#   3. builds msg/ srv/ action/ with plain CMake into build/ros*/install (NOT into the venv: in development the
 #      working tree's mobilevlm_ros/ is the package, and an installed copy must not shadow it), skipped when a
 #      stamp keyed on the interface files, CMakeLists.txt, package.xml, this step of this script, the venv and
 #      its ROS wheel versions matches;
 #   4. writes mobilevlm_ros_dev.pth into the venv's site-packages, which puts the repository root and then
-#      build/ros/install/.../site-packages on sys.path (so mobilevlm_ros/__init__.py is the working tree's and
-#      its pkgutil.extend_path adds the generated msg/srv/action modules), adds build/ros/install/lib to
+#      build/ros*/install/.../site-packages on sys.path (so mobilevlm_ros/__init__.py is the working tree's and
+#      its pkgutil.extend_path adds the generated msg/srv/action modules), adds build/ros*/install/lib to
 #      LD_LIBRARY_PATH (rosidl's typesupport dispatch looks its libraries up there by name at run time), and
-#      build/ros/install and the venv to AMENT_PREFIX_PATH (what sourcing a colcon workspace does), so every
-#      Python process of the venv, `ros2 launch mobilevlm_ros ...` and the nodes it starts included, finds the
-#      package in the ament index without any sourcing;
-#   5. lays build/ros/install out for the ament index as `colcon build --symlink-install` would, pointing at the
+#      build/ros*/install and the venv to AMENT_PREFIX_PATH and the distribution's name to ROS_DISTRO (what
+#      sourcing a colcon workspace on a ROS install does), so every Python process of the venv,
+#      `ros2 launch mobilevlm_ros ...` and the nodes it starts included, finds the package in the ament index
+#      without any sourcing;
+#   5. lays build/ros*/install out for the ament index as `colcon build --symlink-install` would, pointing at the
 #      working tree: share/mobilevlm_ros/launch and config are symlinks to launch/ and config/, and
 #      lib/mobilevlm_ros/mobilevlm_node and mobilevlm_lifecycle_node are launchers that run the working tree's
 #      scripts/mobilevlm_node and deploy/mobilevlm_lifecycle_node with the venv's Python;
 #   6. installs the ROS 2 command-line tools and launch (ros2 launch/run/service/action/topic/param/lifecycle)
-#      from the wheels vendored in third_party/ros2extra, unless they are installed already or a real ROS 2
-#      install is sourced (its own `ros2` on PATH and AMENT_PREFIX_PATH set: that one is used then);
+#      from the wheels vendored in third_party/ros2extra (rebuilt from its sources for Jazzy or a Python other than
+#      3.11), unless they are installed already or a real ROS 2 install is sourced (its own `ros2` on PATH and
+#      AMENT_PREFIX_PATH set: that one is used then);
 #   7. checks, in a fresh interpreter, that the types import and serialize, where mobilevlm_ros resolves to, and
 #      that the ament index finds the package (and launch imports, where step 6 installed it).
 set -euo pipefail
@@ -36,13 +46,17 @@ log() { echo "[setup_ros $(elapsed)s] $*"; }
 die() { echo "[setup_ros] error: $*" >&2; exit 1; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VENV=${VENV:-$REPO/.venv}
+DISTRO=${1:-kilted}
+case $DISTRO in
+  kilted) VENV=${VENV:-$REPO/.venv} ROS_DIR=$REPO/build/ros ;;
+  jazzy) VENV=${VENV:-$REPO/.venv-jazzy} ROS_DIR=$REPO/build/ros-jazzy ;;
+  *) die "unknown ROS 2 distribution '$DISTRO' (kilted or jazzy)" ;;
+esac
 [[ -d $VENV ]] || die "no venv at '$VENV' (create it first: python3 -m venv $VENV)"
 VENV=$(cd "$VENV" && pwd)
 PY=$VENV/bin/python
 [[ -x $PY ]] || die "$PY is missing"
 
-ROS_DIR=$REPO/build/ros
 SRC_DIR=$ROS_DIR/src
 BUILD_DIR=$ROS_DIR/build
 INSTALL_DIR=$ROS_DIR/install
@@ -54,18 +68,35 @@ unset _ROS_WHEELS_BOOTSTRAP_COMPLETE
 
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-log "venv $VENV (Python $PYVER), repository $REPO"
+log "ROS 2 $DISTRO, venv $VENV (Python $PYVER), repository $REPO"
+other_distro=$("$PY" - "$DISTRO" <<'PYEOF'
+import sys
+from importlib import metadata
+for distro in ("kilted", "jazzy"):
+    try:
+        if distro != sys.argv[1] and metadata.version(f"ros-{distro}-rclpy"):
+            print(distro)
+    except metadata.PackageNotFoundError:
+        pass
+PYEOF
+)
+[[ -z $other_distro ]] || die "$VENV holds the ROS 2 $other_distro wheels: $DISTRO needs its own venv (they share names)"
 
 # --- 1. wheels ------------------------------------------------------------------------------------------------
-WHEELS=(
-  ros-kilted-rclpy ros-kilted-rmw-fastrtps-cpp
-  ros-kilted-std-msgs ros-kilted-std-srvs ros-kilted-sensor-msgs ros-kilted-diagnostic-msgs
-  ros-kilted-lifecycle-msgs ros-kilted-action-msgs ros-kilted-builtin-interfaces
-  ros-kilted-ament-cmake ros-kilted-ament-package ros-kilted-ament-cmake-include-directories
-  ros-kilted-rosidl-default-generators ros-kilted-rosidl-core-generators ros-kilted-ament-cmake-ros-core
-  ros-kilted-ament-cmake-python
-  catkin-pkg rosbags numpy
-)
+# Wheels the interface build needs that no wheel's metadata pulls in differ: ament_cmake_ros_core is the part of
+# ament_cmake_ros that the build needs, split out in Kilted; Jazzy has only the whole, whose CMake extras
+# find_package() its test helpers too, and Jazzy's rosidl_generator_py still finds Python with python_cmake_module.
+case $DISTRO in
+  kilted) build_extras=(ament-cmake-ros-core) ;;
+  jazzy) build_extras=(ament-cmake-ros ament-cmake-gmock ament-cmake-gtest ament-cmake-pytest python-cmake-module) ;;
+esac
+WHEELS=()
+for name in rclpy rmw-fastrtps-cpp std-msgs std-srvs sensor-msgs diagnostic-msgs lifecycle-msgs action-msgs \
+    builtin-interfaces ament-cmake ament-package ament-cmake-include-directories rosidl-default-generators \
+    rosidl-core-generators "${build_extras[@]}" ament-cmake-python; do
+  WHEELS+=("ros-$DISTRO-$name")
+done
+WHEELS+=(catkin-pkg rosbags numpy)
 missing=$("$PY" - "${WHEELS[@]}" <<'PYEOF'
 import sys
 from importlib import metadata
@@ -100,7 +131,7 @@ if [[ -n $bad_files ]]; then
 fi
 
 # --- 3. build the interfaces ------------------------------------------------------------------------------------
-ros_versions=$("$PY" -c 'from importlib.metadata import version as v; print(v("ros-kilted-rclpy"), v("ros-kilted-rosidl-default-generators"))')
+ros_versions=$("$PY" -c "from importlib.metadata import version as v; print(v('ros-$DISTRO-rclpy'), v('ros-$DISTRO-rosidl-default-generators'))")
 hash=$(cd "$REPO" && {
   echo "venv=$VENV python=$PYVER ros=$ros_versions"
   for f in $(find msg srv action -type f 2>/dev/null | LC_ALL=C sort) CMakeLists.txt package.xml; do
@@ -164,7 +195,7 @@ PTH=$SITE/mobilevlm_ros_dev.pth
 HOOK=$SITE/_mobilevlm_ros_dev.py
 hook_content="\"\"\"Development paths of mobilevlm_ros: written by $REPO/scripts/setup_ros.sh, imported by mobilevlm_ros_dev.pth.
 
-Puts $INSTALL_DIR and the venv on AMENT_PREFIX_PATH, and
+Puts $INSTALL_DIR and the venv on AMENT_PREFIX_PATH, sets ROS_DISTRO=$DISTRO unless set, and
 $INSTALL_DIR/lib on LD_LIBRARY_PATH before ros_wheels_bootstrapper.pth
 re-executes the interpreter with the venv's library path (.pth files run in name order), because rosidl's
 typesupport dispatch dlopen()s our typesupport libraries by bare name. A process that inherited the bootstrapper's
@@ -181,6 +212,10 @@ _prefixes = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep
 if any(p not in _prefixes for p in AMENT_PREFIXES):
     os.environ['AMENT_PREFIX_PATH'] = os.pathsep.join(
         [*AMENT_PREFIXES, *(p for p in _prefixes if p not in AMENT_PREFIXES)])
+
+# The distribution's name, as a ROS install's setup script sets it: mobilevlm_ros.rosenv names the Fast DDS profile
+# file by it (Jazzy's Fast DDS 2 reads FASTRTPS_DEFAULT_PROFILES_FILE, Kilted's Fast DDS 3 FASTDDS_...).
+os.environ.setdefault('ROS_DISTRO', '$DISTRO')
 
 LIB = '$INSTALL_DIR/lib'
 _parts = [p for p in os.environ.get('LD_LIBRARY_PATH', '').split(os.pathsep) if p]
@@ -238,8 +273,9 @@ done
 
 # --- 6. ROS 2 command-line tools and launch -----------------------------------------------------------------------
 # A sourced ROS 2 install brings its own ros2 and launch (matching its rclpy): use those. Otherwise install the
-# wheels vendored in third_party/ros2extra; their composition_interfaces wheel is compiled for CPython 3.11 only, so
-# another Python gets every wheel rebuilt from the vendored sources once (build_ros2extra.sh, about 60 s).
+# wheels vendored in third_party/ros2extra; their composition_interfaces wheel is compiled for CPython 3.11 against
+# the Kilted wheels only, so Jazzy or another Python gets every wheel rebuilt from the vendored sources once
+# (build_ros2extra.sh, about 60 s). The pure-Python tools are the same sources on both distributions.
 ROS2EXTRA=$REPO/third_party/ros2extra
 system_ros2=$(command -v ros2 || true)
 if [[ -n ${AMENT_PREFIX_PATH:-} && -n $system_ros2 && $(realpath "$system_ros2") != "$VENV"/* ]]; then
@@ -247,10 +283,10 @@ if [[ -n ${AMENT_PREFIX_PATH:-} && -n $system_ros2 && $(realpath "$system_ros2")
   tools_installed=false
 else
   artifacts=$ROS2EXTRA
-  if [[ $PYVER != 3.11 ]]; then
+  if [[ $PYVER != 3.11 || $DISTRO != kilted ]]; then
     artifacts=$ROS_DIR/ros2extra-cp${PYVER/./}
     if ! compgen -G "$artifacts/wheels/ros_composition_interfaces-*-cp${PYVER/./}-*.whl" > /dev/null; then
-      log "building the ROS 2 tools' wheels for Python $PYVER into $artifacts (the vendored ones are cp311)"
+      log "building the ROS 2 tools' wheels for $DISTRO and Python $PYVER into $artifacts (the vendored ones are Kilted, cp311)"
       VENV=$VENV OUT=$artifacts SRC_TARBALL=$ROS2EXTRA/ros2extra-src.tar.gz bash "$ROS2EXTRA/build_ros2extra.sh" \
         > "$ROS_DIR/ros2extra-build.log" 2>&1 || { tail -n 40 "$ROS_DIR/ros2extra-build.log" >&2; die "build failed"; }
       cp "$ROS2EXTRA/requirements-pypi.txt" "$artifacts/"
