@@ -29,7 +29,7 @@ from .loader import TORCH_DTYPES, load_model
 from .mobilevlm import IMAGE_TOKEN_INDEX, MobileVLM
 from .prefix_cache import FramePrefix, PrefixCache
 from .prompt import build_prompt, tokenize_with_image
-from .quantize import quantize_llm
+from .quantize import DynamicInt8Linear, quantize_llm
 from .tokenizer import Tokenizer
 
 # eager: MobileVLM.decode_step as written; cuda_graphs: replayed from CUDA graphs (cuda_graph.py); cpu_compiled:
@@ -173,7 +173,10 @@ class MobileVLMPipeline:
         self.encode_images, self.decode_step = apply_fast_paths(model, fast_paths, max_seq_len, engine)
         self.max_seq_len = model.llm.max_seq_len
         self.prefix_cache = PrefixCache(prefix_cache_frames)
-        self.prefix_ids = self.prompt_ids("")[:self.prompt_ids("").index(IMAGE_TOKEN_INDEX)]
+        # A decoder that quantises its activations with one range per call (int8-dynamic) computes a prompt
+        # prefilled in one call differently from its prefix and its tail prefilled in two: a frame's first keyed
+        # prompt is then prefilled in the same two calls as its later ones, so cached answers equal uncached.
+        self.prefill_prefix_apart = any(isinstance(m, DynamicInt8Linear) for m in model.llm.modules())
         if fast_paths.decode_step == "cpu_compiled":
             self.compile_one_token_step()
 
@@ -203,7 +206,7 @@ class MobileVLMPipeline:
         """The bytes one frame's prefix takes in the prefix cache: keys and values of every layer at each
         position up to and including the image tokens."""
         llama = self.config.llama
-        positions = len(self.prefix_ids) + self.config.image_tokens
+        positions = self.prompt_ids("").index(IMAGE_TOKEN_INDEX) + self.config.image_tokens
         element = self.model.llm.embed_tokens.weight.element_size()
         return 2 * llama.num_layers * llama.num_kv_heads * llama.head_dim * positions * element
 
@@ -268,7 +271,11 @@ class MobileVLMPipeline:
         length = len(before_image) + self.config.image_tokens
 
         def fill(row: int) -> Tensor:
-            logits = self.model.prefill(embeds, row)
+            if self.prefill_prefix_apart:
+                self.model.prefill(embeds[:, :length], row)
+                logits = self.model.prefill(embeds[:, length:], row, start=length)
+            else:
+                logits = self.model.prefill(embeds, row)
             prefix = FramePrefix(tuple(before_image), self.model.llm.read_cache(row, length))
             prefixes[frame] = prefix
             self.prefix_cache.put(frame, prefix)
