@@ -397,16 +397,22 @@ class MobileVLMPipeline:
         for ids in input_ids:
             self.check_fits(ids, longest)
         rows = self._rows(images, input_ids, row_keys, [None] * n)
-        self.model.llm.setup_cache(self.max_seq_len, n)
-        filled = time.perf_counter()
-        scored = [ScoredPrompt(b, prompt.length, prompt.fill(b), choice_ids[b])
-                  for b, prompt in enumerate(rows.prompts)]
-        prefilled = time.perf_counter()
-        log_likelihoods = score(self.model.llm, scored)
+        # As many rows at a time as the KV cache holds already (the largest generation batch so far): scoring
+        # prefills each row alone anyway, so more rows (eight monitors, say) are not worth more cache memory.
+        per_pass = self.model.llm.max_batch
+        log_likelihoods: list[list[float]] = []
+        prefill_s = score_s = 0.0
+        for first in range(0, n, per_pass):
+            filled = time.perf_counter()
+            scored = [ScoredPrompt(row, prompt.length, prompt.fill(row), choice_ids[first + row])
+                      for row, prompt in enumerate(rows.prompts[first:first + per_pass])]
+            prefilled = time.perf_counter()
+            log_likelihoods += score(self.model.llm, scored)
+            prefill_s, score_s = prefill_s + prefilled - filled, score_s + time.perf_counter() - prefilled
         done = time.perf_counter()
         return [choice_of(choices[b], log_likelihoods[b], input_ids[b], rows.from_prefix[b], {
             "preprocess_ms": rows.preprocess_ms if rows.encoded[b] else 0.0,
             "vision_ms": rows.vision_ms if rows.encoded[b] else 0.0,
-            "prefill_ms": (prefilled - filled) * 1e3,
-            "score_ms": (done - prefilled) * 1e3,
+            "prefill_ms": prefill_s * 1e3,
+            "score_ms": score_s * 1e3,
             "total_ms": (done - start) * 1e3}) for b in range(n)]
