@@ -73,8 +73,10 @@ def _vocabulary(vocab_size: int, tokenizer_model: str | Path | None):
     filler = vocab_size - len(pieces)
     if filler < 0:
         raise ValueError(f"the tokenizer has {len(pieces)} pieces, more than the model's {vocab_size} rows")
-    return (pieces + [f"<unused{i}>" for i in range(filler)], scores + [-1e9] * filler,
-            types + [gguf.TokenType.UNUSED] * filler)
+    # Fillers are ordinary pieces, so that a random model's answer streams as text token by token (llama.cpp
+    # prints unused pieces as nothing), made of characters no prompt has, so that no prompt tokenises into them.
+    return (pieces + [f"\u27e8{i}\u27e9" for i in range(filler)], scores + [-1e9] * filler,
+            types + [gguf.TokenType.NORMAL] * filler)
 
 
 def write_gguf(config: MobileVLMConfig, path: str | Path, qtype: str = "F16", seed: int = 0,
@@ -157,11 +159,13 @@ def projector_tensor_name(ours: str) -> str:
 
 def write_projector_gguf(config: MobileVLMConfig, path: str | Path, seed: int = 0, use_f32: bool = False,
                          vision_layers: int | None = None) -> Path:
-    """The vision tower and projector of the seeded model as llama.cpp's converter for MobileVLM writes them.
+    """The vision tower and projector of the seeded model as llama.cpp's converter for MobileVLM writes them, but
+    for the number of CLIP layers.
 
-    vision_layers: how many CLIP encoder layers the file holds; default, as the converter: all but the last
-    (its block_count). llama.cpp's LLaVA graph runs block_count - 1 of them (the second-to-last layer's output,
-    counted on the layers in the file), see docs/PERFORMANCE.md."""
+    vision_layers: the CLIP encoder layers the file holds (its block_count); default: all of them. llama.cpp's
+    LLaVA graph runs block_count - 1 layers (it takes the file to hold the whole tower, and MobileVLM reads the
+    second-to-last layer's output), while the converter drops the last layer before writing: a file converted
+    with it makes llama.cpp stop one layer short of what MobileVLM reads (test_gguf_projector.py shows both)."""
     import gguf
 
     from .models import hf_clip_state, random_projector
@@ -169,7 +173,7 @@ def write_projector_gguf(config: MobileVLMConfig, path: str | Path, seed: int = 
     if config.projector_type not in PROJECTOR_TYPES:
         raise ValueError(f"llama.cpp loads MobileVLM's ldpnet / ldpnetv2 projectors, not {config.projector_type!r}")
     v = config.vision
-    layers = v.num_layers - 1 if vision_layers is None else vision_layers
+    layers = v.num_layers if vision_layers is None else vision_layers
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
