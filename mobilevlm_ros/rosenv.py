@@ -22,6 +22,10 @@ _calls = itertools.count()
 
 # Distributions whose Fast DDS (2.x) reads FASTRTPS_DEFAULT_PROFILES_FILE; later ones read FASTDDS_...
 _FAST_DDS_2_DISTROS = ("foxy", "galactic", "humble", "iron", "jazzy")
+# Distributions with ROS_AUTOMATIC_DISCOVERY_RANGE, where ROS_LOCALHOST_ONLY is left out: Jazzy still honours it,
+# overriding the range, and logs two deprecation warnings in every process (into every ros2 command's output);
+# Kilted ignores it.
+_DISCOVERY_RANGE_DISTROS = ("jazzy", "kilted", "lyrical", "rolling")
 
 # Fast DDS sends a new participant's first announcements (its discovery "hello") 5 times at 100 ms by default; a
 # busy 2-core machine starting several ROS processes at once then often misses them and discovery waits for the
@@ -68,8 +72,8 @@ def isolated_ros_env(
 ) -> dict[str, str]:
     """Return a copy of ``base`` (default: ``os.environ``) set up for an isolated, local-only ROS 2 run.
 
-    - ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` (Jazzy and later) and ``ROS_LOCALHOST_ONLY=1`` (Humble; newer
-      distributions ignore it), with ``ROS_STATIC_PEERS`` cleared: no discovery traffic leaves the machine.
+    - ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST`` (Jazzy and later) and, unless ``ROS_DISTRO`` names one of those,
+      ``ROS_LOCALHOST_ONLY=1`` (Humble), with ``ROS_STATIC_PEERS`` cleared: no discovery traffic leaves the machine.
     - ``ROS_DOMAIN_ID`` from :func:`next_domain_id`: a unique domain per call, so parallel runs do not see each
       other's nodes, services and topics.
     - ``ROS_LOG_DIR`` in a temporary directory (``tmp_dir`` if given, else a new one): rcl would otherwise write a
@@ -77,8 +81,9 @@ def isolated_ros_env(
     - ``RMW_IMPLEMENTATION=rmw_fastrtps_cpp``: the RMW that the wheels ship and these settings were checked with.
     - With ``fast_discovery``, a Fast DDS XML profile (:data:`FAST_DISCOVERY_PROFILE`) written to that directory
       and named by ``FASTRTPS_DEFAULT_PROFILES_FILE`` where ``ROS_DISTRO`` is humble, iron or jazzy (Fast DDS 2),
-      else by ``FASTDDS_DEFAULT_PROFILES_FILE`` (Fast DDS 3: Kilted, the PyPI wheels, which set no ROS_DISTRO and
-      warn about the old name). Without it, both variables are removed.
+      else by ``FASTDDS_DEFAULT_PROFILES_FILE`` (Fast DDS 3: Kilted, which warns about the old name; also where no
+      ROS_DISTRO is set, as with PyPI's wheels outside scripts/setup_ros.sh's venvs). Without it, both variables are
+      removed.
 
     The directory is not removed: pass ``tmp_dir`` (e.g. pytest's ``tmp_path``) to have it cleaned up for you.
     """
@@ -90,12 +95,15 @@ def isolated_ros_env(
     os.makedirs(log_dir, exist_ok=True)
     env.update(
         ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_LOCALHOST_ONLY="1",
         ROS_STATIC_PEERS="",
         ROS_DOMAIN_ID=str(next_domain_id()),
         ROS_LOG_DIR=log_dir,
         RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
     )
+    if env.get("ROS_DISTRO", "").lower() in _DISCOVERY_RANGE_DISTROS:
+        env.pop("ROS_LOCALHOST_ONLY", None)
+    else:
+        env["ROS_LOCALHOST_ONLY"] = "1"
     for name in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE"):
         env.pop(name, None)
     if fast_discovery:

@@ -140,6 +140,14 @@ def test_rosenv_isolation(tmp_path):
         assert "FASTRTPS_DEFAULT_PROFILES_FILE" not in env
     humble = isolated_ros_env({"ROS_DISTRO": "humble"}, tmp_dir=tmp_path / "h")
     assert "FASTDDS_DEFAULT_PROFILES_FILE" not in humble and Path(humble["FASTRTPS_DEFAULT_PROFILES_FILE"]).is_file()
+    assert humble["ROS_LOCALHOST_ONLY"] == "1"
+    # Jazzy: Fast DDS 2's variable, and no ROS_LOCALHOST_ONLY (deprecated there: it would override the range and
+    # log warnings), not even an inherited one
+    jazzy = isolated_ros_env({"ROS_DISTRO": "jazzy", "ROS_LOCALHOST_ONLY": "1"}, tmp_dir=tmp_path / "j")
+    assert "FASTDDS_DEFAULT_PROFILES_FILE" not in jazzy and Path(jazzy["FASTRTPS_DEFAULT_PROFILES_FILE"]).is_file()
+    assert "ROS_LOCALHOST_ONLY" not in jazzy and jazzy["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    kilted = isolated_ros_env({"ROS_DISTRO": "kilted"}, tmp_dir=tmp_path / "k")
+    assert "ROS_LOCALHOST_ONLY" not in kilted and Path(kilted["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
     plain = isolated_ros_env({"FASTDDS_DEFAULT_PROFILES_FILE": "/x.xml"}, tmp_dir=tmp_path / "c", fast_discovery=False)
     assert "FASTDDS_DEFAULT_PROFILES_FILE" not in plain
 
