@@ -273,10 +273,15 @@ done
 
 # --- 6. ROS 2 command-line tools and launch -----------------------------------------------------------------------
 # A sourced ROS 2 install brings its own ros2 and launch (matching its rclpy): use those. Otherwise install the
-# wheels vendored in third_party/ros2extra; their composition_interfaces wheel is compiled for CPython 3.11 against
-# the Kilted wheels only, so Jazzy or another Python gets every wheel rebuilt from the vendored sources once
-# (build_ros2extra.sh, about 60 s). The pure-Python tools are the same sources on both distributions.
+# wheels vendored in third_party/ros2extra; they are Kilted's tools (the rolling sources of Dec 2024, whose
+# composition_interfaces wheel is compiled for CPython 3.11 against the Kilted wheels), so another Python gets every
+# wheel rebuilt from the vendored sources once (build_ros2extra.sh, about 40 s), and Jazzy gets them built from the
+# vendored sources of Jazzy's own tools (third_party/ros2extra/jazzy: the rolling ones use Kilted-only rclpy API).
 ROS2EXTRA=$REPO/third_party/ros2extra
+case $DISTRO in
+  kilted) ros2extra_sources=$ROS2EXTRA ;;
+  jazzy) ros2extra_sources=$ROS2EXTRA/jazzy ;;
+esac
 system_ros2=$(command -v ros2 || true)
 if [[ -n ${AMENT_PREFIX_PATH:-} && -n $system_ros2 && $(realpath "$system_ros2") != "$VENV"/* ]]; then
   log "ROS 2 tools: using the sourced install's $system_ros2 (AMENT_PREFIX_PATH is set)"
@@ -285,10 +290,14 @@ else
   artifacts=$ROS2EXTRA
   if [[ $PYVER != 3.11 || $DISTRO != kilted ]]; then
     artifacts=$ROS_DIR/ros2extra-cp${PYVER/./}
-    if ! compgen -G "$artifacts/wheels/ros_composition_interfaces-*-cp${PYVER/./}-*.whl" > /dev/null; then
+    # (built from these sources: the SOURCES.txt that build_ros2extra.sh copies out of the tarball is theirs)
+    if ! compgen -G "$artifacts/wheels/ros_composition_interfaces-*-cp${PYVER/./}-*.whl" > /dev/null \
+        || ! cmp -s "$ros2extra_sources/SOURCES.txt" "$artifacts/SOURCES.txt"; then
       log "building the ROS 2 tools' wheels for $DISTRO and Python $PYVER into $artifacts (the vendored ones are Kilted, cp311)"
-      VENV=$VENV OUT=$artifacts SRC_TARBALL=$ROS2EXTRA/ros2extra-src.tar.gz bash "$ROS2EXTRA/build_ros2extra.sh" \
-        > "$ROS_DIR/ros2extra-build.log" 2>&1 || { tail -n 40 "$ROS_DIR/ros2extra-build.log" >&2; die "build failed"; }
+      rm -rf "$artifacts"
+      DISTRO=$DISTRO VENV=$VENV OUT=$artifacts SRC_TARBALL=$ros2extra_sources/ros2extra-src.tar.gz \
+        bash "$ROS2EXTRA/build_ros2extra.sh" > "$ROS_DIR/ros2extra-build.log" 2>&1 \
+        || { tail -n 40 "$ROS_DIR/ros2extra-build.log" >&2; die "build failed"; }
       cp "$ROS2EXTRA/requirements-pypi.txt" "$artifacts/"
     fi
   fi

@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Build the ROS 2 pieces that PyPI's ros-kilted-* wheels lack (launch, launch_ros, ros2cli + verbs,
+# Build the ROS 2 pieces that PyPI's ros-kilted-* and ros-jazzy-* wheels lack (launch, launch_ros, ros2cli + verbs,
 # rosidl_runtime_py, composition_interfaces) into installable artifacts.
 #
-#   VENV=/path/to/venv OUT=/path/to/out bash build_ros2extra.sh
+#   VENV=/path/to/venv OUT=/path/to/out [DISTRO=jazzy] bash build_ros2extra.sh
 #
-# VENV: a Python venv that already holds the Kilted runtime AND interface-build wheels (the WHEELS list of
-#       the project's scripts/setup_ros.sh: ros-kilted-rclpy ... ros-kilted-ament-cmake-python, catkin-pkg, numpy).
-#       It is modified only by the idempotent CMake include-path fix-up (same sed as setup_ros.sh step 2).
+# DISTRO: kilted (default) or jazzy: which sources (the commits below) and so which rclpy API line they are for.
+# VENV: a Python venv that already holds that distribution's runtime AND interface-build wheels (what the
+#       project's scripts/setup_ros.sh installs: ros-<distro>-rclpy ... ros-<distro>-ament-cmake-python, catkin-pkg,
+#       numpy). It is modified only by the idempotent CMake include-path fix-up (same sed as setup_ros.sh step 2).
 # OUT:  output folder (default ./out). Gets wheels/*.whl (16 pure-Python wheels + one cpXY wheel of
 #       composition_interfaces), licenses/, requirements-pypi.txt, SOURCES.txt, and ros2extra-src.tar.gz (the
 #       exact sources used).
 # Sources: SRC_TARBALL=<a ros2extra-src.tar.gz from an earlier run>, or git mirrors under MIRRORS
-#       (bare git mirrors laid out as MIRRORS/ros2+<repo>/repo) at the
-#       commits pinned below (rolling as of Dec 2024: no kilted branch exists in the snapshots).
+#       (bare git mirrors laid out as MIRRORS/ros2+<repo>/repo) at the commits pinned below: for kilted, rolling as
+#       of Dec 2024 (no kilted branch exists in the snapshots); for jazzy, the jazzy branches as of Dec 2024 (the
+#       rolling tools use Kilted-only rclpy API, e.g. `with rclpy.init():` in ros2 service call).
 # Needs: cmake >= 3.16, a C/C++ compiler, git (only with MIRRORS). No network (pip runs --no-index, no isolation).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-VENV=${VENV:?set VENV to a venv holding the ros-kilted wheels}
+DISTRO=${DISTRO:-kilted}
+VENV=${VENV:?set VENV to a venv holding the ros-$DISTRO wheels}
 VENV=$(cd "$VENV" && pwd)
 OUT=${OUT:-$PWD/out}
 MIRRORS=${MIRRORS:-}
@@ -26,13 +29,23 @@ PY=$VENV/bin/python
 unset _ROS_WHEELS_BOOTSTRAP_COMPLETE PYTHONPATH
 log() { echo "[build_ros2extra] $*"; }
 
-declare -A COMMIT=(
-  [launch]=02595bafc7891d4d287667b6aa9161edf738e9f3            # launch 3.7.1
-  [launch_ros]=f9ab9371824d470bca47602bc7d277eb2217c90d        # launch_ros 0.28.0
-  [ros2cli]=e20d2c664fc2981b0b80ebed534e5becc6fdbf34           # ros2cli 0.36.1
-  [rosidl_runtime_py]=3327b1dc488af514017c5446ffff12d102bbe94a # rosidl_runtime_py 0.14.0
-  [rcl_interfaces]=f6b3741d921ef5414125091b2ccc74b863be3c24    # rcl_interfaces 2.2.0 (composition_interfaces)
-)
+case $DISTRO in
+  kilted) declare -A COMMIT=(
+    [launch]=02595bafc7891d4d287667b6aa9161edf738e9f3            # launch 3.7.1
+    [launch_ros]=f9ab9371824d470bca47602bc7d277eb2217c90d        # launch_ros 0.28.0
+    [ros2cli]=e20d2c664fc2981b0b80ebed534e5becc6fdbf34           # ros2cli 0.36.1
+    [rosidl_runtime_py]=3327b1dc488af514017c5446ffff12d102bbe94a # rosidl_runtime_py 0.14.0
+    [rcl_interfaces]=f6b3741d921ef5414125091b2ccc74b863be3c24    # rcl_interfaces 2.2.0 (composition_interfaces)
+  ) ;;
+  jazzy) declare -A COMMIT=(
+    [launch]=09403fcebedb68dd259e9ab6b35bd8712b6596ec            # launch 3.4.3
+    [launch_ros]=62c56e53e86812023697fe330c83d327f54e7b18        # launch_ros 0.26.6
+    [ros2cli]=de6cd27284937044d8dff47a617581c28865210c           # ros2cli 0.32.2
+    [rosidl_runtime_py]=df2361f64ecb85f65f4bf22e804424e0f1ac4197 # rosidl_runtime_py 0.13.1
+    [rcl_interfaces]=003987ecb81a32802ab27dd6d325b8c6b8b813cc    # rcl_interfaces 2.0.2 (composition_interfaces)
+  ) ;;
+  *) echo "unknown DISTRO '$DISTRO' (kilted or jazzy)" >&2; exit 1 ;;
+esac
 # repo:package-dir ("." = repository root)
 PY_PKGS=(
   launch:launch launch:launch_xml launch:launch_yaml
