@@ -144,8 +144,8 @@ def monitor_parameters(name: str) -> tuple[Param, ...]:
     return (
         Param(prefix + "question", "", "the monitor's question (required)"),
         Param(prefix + "camera", "", "camera it watches; empty: the default camera"),
-        Param(prefix + "rate_hz", DEFAULT_RATE_HZ, "at most this many answers per second, each on a new frame of its camera",
-              minimum=MIN_RATE_HZ),
+        Param(prefix + "rate_hz", DEFAULT_RATE_HZ, "at most this many answers per second, each on a new frame of "
+              "its camera", minimum=MIN_RATE_HZ),
         Param(prefix + "choices", list(DEFAULT_CHOICES), "the allowed answers (1 to 16, distinct); the most likely "
               "is published with its probability"),
     )
