@@ -15,7 +15,9 @@ setup(
     extras_require={
         "test": ["pytest", "vermin", "onnx", "onnxruntime", "transformers", "peft"],
         "engines": ["onnx", "onnxruntime"],
-        "bench": ["onnx", "onnxruntime", "transformers", "llama-cpp-python", "gguf", "matplotlib"],
+        # llama-cpp-python 0.3.36: its chat handlers run on mtmd (bench/e2e.py reads the handler's mtmd context),
+        # and its llama.cpp still loads MobileVLM's LDP / LDPv2 projectors (tools/mtmd/models/llava.cpp).
+        "bench": ["onnx", "onnxruntime", "transformers", "llama-cpp-python>=0.3.36,<0.4", "gguf", "matplotlib"],
     },
     entry_points={
         "console_scripts": [

@@ -252,6 +252,7 @@ def run_node(spec: dict) -> dict:
     os.environ.update(env)  # rcl reads the domain and discovery settings at init
     import numpy as np
     import rclpy
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image
 
@@ -271,7 +272,7 @@ def run_node(spec: dict) -> dict:
     context = rclpy.Context()
     rclpy.init(context=context)
     node = rclpy.create_node("bench_client", context=context)
-    executor = rclpy.executors.SingleThreadedExecutor(context=context)
+    executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
     client = node.create_client(AskScene, "/bench/ask_scene")
     camera = node.create_publisher(Image, "/bench/front/image_raw",
