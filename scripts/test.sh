@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: set up .venv (scripts/setup.sh), then run pytest. Extra arguments go to
-# pytest (e.g. bash scripts/test.sh -k loader).
+# pytest (e.g. bash scripts/test.sh -k loader). This is ROS 2 Kilted; scripts/test_jazzy.sh runs the ROS test files on
+# Jazzy (CI's .ci/run runs both).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${VENV:-$REPO/.venv}

@@ -3,7 +3,8 @@ developer without ROS can still run the rest); in CI (``CI=true``, as .ci/run ru
 scripts/setup.sh has installed everything and a missing piece means a broken install, which a skip would hide.
 
 Only what scripts/setup.sh installs goes through here (rclpy and the ROS 2 interfaces, onnx and onnxruntime,
-pyright and the TensorRT stubs, Python 3.10 found on the machine). What no install step can provide (a CUDA GPU,
+pyright and the TensorRT stubs, Python 3.10 found on the machine; `scripts/setup.sh jazzy` installs the same for the
+ROS test files, test/ros_test_files.txt, on Jazzy: there too nothing of theirs skips in CI). What no install step can provide (a CUDA GPU,
 TensorRT, an x86 CPU for oneDNN, the bench extra) stays a plain skip.
 """
 from __future__ import annotations
