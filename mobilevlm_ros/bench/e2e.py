@@ -194,6 +194,18 @@ def run_llamacpp(spec: dict) -> dict:
     from mobilevlm_ros.model.prompt import SYSTEM
 
     threads = spec.get("threads") or os.cpu_count()
+    # llama.cpp's AMX kernels for quantised weights (picked on CPUs with AMX-INT8) crash this build at the first
+    # decode (a segmentation fault, llama-cpp-python 0.3.36): load such models as llama.cpp's --no-repack does
+    # (no extra buffer types: no AMX, no repacking), which llama-cpp-python's Llama() does not expose.
+    no_repack = spec.get("gguf") != "F16" and "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
+    if no_repack:
+        default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_extra_buffers():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
     start = time.perf_counter()
     handler = Llava15ChatHandler(clip_model_path=spec["mmproj_path"], verbose=False)
     llm = llama_cpp.Llama(model_path=spec["gguf_path"], chat_handler=handler, n_ctx=512, n_batch=512,
@@ -239,7 +251,8 @@ def run_llamacpp(spec: dict) -> dict:
         runs["c"].append({"wall_ms": (time.perf_counter() - t) * 1e3,
                           "questions": [split(q, vision_ms) for q in questions]})
         seed += 5
-    return {"build_s": build_s, "runs": runs, **summarise(runs), "llama_cpp_python": llama_cpp.__version__,
+    return {"build_s": build_s, "runs": runs, **summarise(runs), "no_repack": no_repack,
+            "llama_cpp_python": llama_cpp.__version__,
             "system_info": llama_cpp.llama_print_system_info().decode(), "threads": threads}
 
 
