@@ -69,6 +69,11 @@ unset _ROS_WHEELS_BOOTSTRAP_COMPLETE
 PYVER=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 log "ROS 2 $DISTRO, venv $VENV (Python $PYVER), repository $REPO"
+case $PYVER in
+  3.10 | 3.11 | 3.12) ;;
+  *) die "PyPI's ROS 2 wheels are built for CPython 3.10 to 3.12, not $PYVER: make the venv with one of those, e.g.
+  PYTHON=python3.11 bash scripts/setup.sh $DISTRO (pyenv's, if not on PATH; 3.11 is what setup.sh's torch pin is for)" ;;
+esac
 other_distro=$("$PY" - "$DISTRO" <<'PYEOF'
 import sys
 from importlib import metadata
