@@ -191,21 +191,11 @@ def run_llamacpp(spec: dict) -> dict:
     import llama_cpp
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
+    from mobilevlm_ros.bench.measure import skip_amx_quantised_kernels
     from mobilevlm_ros.model.prompt import SYSTEM
 
     threads = spec.get("threads") or os.cpu_count()
-    # llama.cpp's AMX kernels for quantised weights (picked on CPUs with AMX-INT8) crash this build at the first
-    # decode (a segmentation fault, llama-cpp-python 0.3.36): load such models as llama.cpp's --no-repack does
-    # (no extra buffer types: no AMX, no repacking), which llama-cpp-python's Llama() does not expose.
-    no_repack = spec.get("gguf") != "F16" and "AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode()
-    if no_repack:
-        default_params = llama_cpp.llama_cpp.llama_model_default_params
-
-        def without_extra_buffers():
-            params = default_params()
-            params.use_extra_bufts = False
-            return params
-        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    no_repack = skip_amx_quantised_kernels(spec["gguf"])
     start = time.perf_counter()
     handler = Llava15ChatHandler(clip_model_path=spec["mmproj_path"], verbose=False)
     llm = llama_cpp.Llama(model_path=spec["gguf_path"], chat_handler=handler, n_ctx=512, n_batch=512,

@@ -252,6 +252,25 @@ def run_hf(spec: dict) -> dict:
             "ttft_ms": ttft_ms, **decode_rates(stamps.times), "transformers": transformers.__version__}
 
 
+def skip_amx_quantised_kernels(qtype: str) -> bool:
+    """Load a quantised model as llama.cpp's --no-repack does (no extra buffer types: no AMX, no repacking) on CPUs
+    with AMX-INT8, whose AMX kernels for quantised weights crash llama-cpp-python 0.3.36's llama.cpp at the first
+    decode (a segmentation fault; Llama() has no such option, so its default model parameters are wrapped).
+    Returns whether it did."""
+    import llama_cpp
+
+    if qtype == "F16" or "AMX_INT8 = 1" not in llama_cpp.llama_print_system_info().decode():
+        return False
+    default_params = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    return True
+
+
 def run_llamacpp(spec: dict) -> dict:
     import llama_cpp
 
@@ -261,6 +280,7 @@ def run_llamacpp(spec: dict) -> dict:
     decode_n, question_n = spec["decode_tokens"], spec["question_tokens"]
     n_prompt = IMAGE_TOKENS + question_n
     threads = spec.get("threads") or torch.get_num_threads()
+    no_repack = skip_amx_quantised_kernels(spec["gguf"])
     rss0 = rss_bytes()
     t = time.perf_counter()
     llm = llama_cpp.Llama(model_path=spec["gguf_path"], n_ctx=n_prompt + decode_n + 16, n_batch=512,
@@ -284,7 +304,7 @@ def run_llamacpp(spec: dict) -> dict:
         stamps.append(time.perf_counter())
     return {"build_s": build_s, "weights_bytes": os.path.getsize(spec["gguf_path"]), "rss_before_bytes": rss0,
             "prefill_ms": prefill_ms, "prefill_tokens": n_prompt, "prefill_tok_s": n_prompt / prefill_ms * 1e3,
-            "ttft_llm_ms": prefill_ms, **decode_rates(stamps),
+            "ttft_llm_ms": prefill_ms, **decode_rates(stamps), "no_repack": no_repack,
             "llama_cpp_python": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
 
 
