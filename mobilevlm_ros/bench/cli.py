@@ -227,28 +227,38 @@ def measure_e2e(model: str, config: str, args: argparse.Namespace, code_before: 
     return r
 
 
-def e2e_main(models: list[str], configs: list[str], args: argparse.Namespace, out: Path, hw: dict) -> int:
-    """--e2e: per round, per model and configuration, the scenarios (and with --code-before, our configurations
-    on the older code), in turns (the order reversed every other round); the ratios are per round, then medians."""
-    from .e2e import e2e_ratios, e2e_table, median_rows, plot_e2e
-
-    runs = [(c, None) for c in configs] + [(c, args.code_before) for c in configs if args.code_before and c in OURS]
+def rounds_in_turns(models: list[str], runs: list[tuple[str, str | None]], rounds: int, out: Path, hw: dict,
+                    measure, status, round_ratios) -> tuple[list[dict], list[dict]]:
+    """Every (configuration, code before) of runs on every model, once per round, in turns (the order reversed
+    every other round), results.json rewritten after each; returns every result and each round's
+    round_ratios(its results)."""
     results: list[dict] = []
     per_round: list[dict] = []
-    for round_index in range(args.rounds):
+    for round_index in range(rounds):
         this_round = []
         for model in models:
             for config, code_before in (runs if round_index % 2 == 0 else runs[::-1]):
-                r = measure_e2e(model, config, args, code_before)
+                r = measure(model, config, code_before)
                 r["round"] = round_index
                 this_round.append(r)
                 results.append(r)
-                status = r.get("error") or (f"(a) {r['a']['wall_ms']:.0f} ms (TTFT {_fmt(r['a'].get('ttft_ms'), 0)}), "
-                                            f"(b) {r['b']['wall_ms']:.0f} ms, (c) {r['c']['wall_ms']:.0f} ms")
                 label = config + (" (code before)" if code_before else "")
-                print(f"{model:18s} {label:34s} {status}", flush=True)
+                print(f"{model:18s} {label:34s} {r.get('error') or status(r)}", flush=True)
                 (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
-        per_round.append(e2e_ratios(this_round))
+        per_round.append(round_ratios(this_round))
+    return results, per_round
+
+
+def e2e_main(models: list[str], configs: list[str], args: argparse.Namespace, out: Path, hw: dict) -> int:
+    """--e2e: per round, per model and configuration, the scenarios (and with --code-before, our configurations
+    on the older code), in turns; the ratios are per round, then medians."""
+    from .e2e import e2e_ratios, e2e_table, median_rows, plot_e2e
+
+    runs = [(c, None) for c in configs] + [(c, args.code_before) for c in configs if args.code_before and c in OURS]
+    results, per_round = rounds_in_turns(
+        models, runs, args.rounds, out, hw, lambda model, config, before: measure_e2e(model, config, args, before),
+        lambda r: (f"(a) {r['a']['wall_ms']:.0f} ms (TTFT {_fmt(r['a'].get('ttft_ms'), 0)}), "
+                   f"(b) {r['b']['wall_ms']:.0f} ms, (c) {r['c']['wall_ms']:.0f} ms"), e2e_ratios)
     medians = median_rows(results)
     return write_report(out, hw, results, medians, median_ratios(per_round), e2e_table(medians),
                         "Ratios (medians of the rounds' ratios):", lambda: plot_e2e(medians, hw, out / "e2e.png"))
@@ -256,27 +266,17 @@ def e2e_main(models: list[str], configs: list[str], args: argparse.Namespace, ou
 
 def batch_curve_main(models: list[str], configs: list[str], args: argparse.Namespace, out: Path, hw: dict) -> int:
     """--batch-curve: per round, per model and configuration, the curve (and lone request) now and, with
-    --code-before, the lone request of the older code, in turns (the order reversed every other round)."""
+    --code-before, the lone request of the older code, in turns."""
     from .batching import batch_ratios, batch_table, median_curves, plot_curves
 
+    def status(r: dict) -> str:
+        curve = ", ".join(f"B={p['batch']} {p['decode_ratio']:.2f}x" for p in r.get("curve", []))
+        return f"lone ask {r['lone_total_ms']:.0f} ms; batched/sequential decode: {curve or '-'}"
+
     runs = [(c, None) for c in configs] + ([(c, args.code_before) for c in configs] if args.code_before else [])
-    results: list[dict] = []
-    per_round: list[dict] = []
-    for round_index in range(args.rounds):
-        this_round = []
-        for model in models:
-            for config, code_before in (runs if round_index % 2 == 0 else runs[::-1]):
-                r = measure_batch_curve(model, config, args, code_before)
-                r["round"] = round_index
-                this_round.append(r)
-                results.append(r)
-                curve = ", ".join(f"B={p['batch']} {p['decode_ratio']:.2f}x" for p in r.get("curve", []))
-                status = r.get("error") or (f"lone ask {r['lone_total_ms']:.0f} ms; batched/sequential decode: "
-                                            f"{curve or '-'}")
-                label = config + (" (code before)" if code_before else "")
-                print(f"{model:18s} {label:34s} {status}", flush=True)
-                (out / "results.json").write_text(json.dumps({"hardware": hw, "results": results}, indent=1))
-        per_round.append(batch_ratios(this_round))
+    results, per_round = rounds_in_turns(
+        models, runs, args.rounds, out, hw,
+        lambda model, config, before: measure_batch_curve(model, config, args, before), status, batch_ratios)
     medians = median_curves(results)
     return write_report(out, hw, results, medians, median_ratios(per_round), batch_table(medians),
                         "Ratios (medians of the rounds' ratios):", lambda: plot_curves(medians, hw,
