@@ -84,7 +84,7 @@ def load_pipeline(config: NodeConfig, logger=None) -> LoadedModel:
     engine, vision = provision_visual_encoder(config.backend, model, config.engines_dir,
                                               allow_build=config.build_engines, log=warn)
     pipeline = MobileVLMPipeline(model, tokenizer, config.max_seq_len, fast_paths, engine,
-                                 prefix_cache_frames=config.prefix_cache_frames)
+                                 prefix_cache_frames=config.prefix_cache_frames, max_batch=config.server.max_batch)
     if config.prefix_cache_frames:
         cache = check_prefix_cache(config.prefix_cache_frames, pipeline.prefix_nbytes(),
                                    *available_memory(config.device), config.memory_reserve_mb << 20)

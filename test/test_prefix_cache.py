@@ -165,3 +165,22 @@ def test_the_onnx_runtime_vision_engine_with_cached_frames(tmp_path):
     warm = [[vlm.ask(_image(case), case["turns"], params, frame_key=case["image"]).generated_ids
              for case in cases] for _ in range(2)]
     assert warm[0] == warm[1] == cold == [case["generated_ids"][:16] for case in cases]
+
+
+def test_max_batch_rows_are_allocated_at_start_and_score_choices_together():
+    """max_batch=4 (the node passes its max_batch): the KV cache holds 4 rows from the start, and choose_batch
+    scores two several-token choices of one question in one forward (4 rows) with the same scores as a pipeline
+    whose cache holds one row (one forward per choice)."""
+    checkpoint = CHECKPOINT_NAMES[-1]
+    wide = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, max_batch=4)
+    narrow = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False)
+    assert (wide.model.llm.max_batch, narrow.model.llm.max_batch) == (4, 1)
+    case = golden_cases(checkpoint)[0]
+    choices = ["a red car on the left", "green light ahead", "no"]
+    forwards = []
+    wide.model.llm.register_forward_hook(lambda *_: forwards.append(1))
+    got = wide.choose(_image(case), case["turns"], choices)
+    assert len(forwards) == 2  # the prompt's prefill, then one forward for both several-token choices
+    want = narrow.choose(_image(case), case["turns"], choices)
+    torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods), atol=ATOL,
+                               rtol=0)

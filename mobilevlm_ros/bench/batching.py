@@ -31,7 +31,7 @@ class _NoStopTokenizer:
 
 def build_pipeline(spec: dict):
     """A MobileVLMPipeline on the real-shaped random model of spec, with the kernels MobileVLMPipeline.load would
-    choose for its dtype / quantisation (and spec's prefix_cache_frames, where given)."""
+    choose for its dtype / quantisation (and spec's prefix_cache_frames and max_batch, where given)."""
     from pathlib import Path
 
     import torch
@@ -46,9 +46,9 @@ def build_pipeline(spec: dict):
     model = random_mobilevlm(config, getattr(torch, dtype_name), seed=spec.get("seed", 0), quant=spec.get("quant"))
     tokenizer = _NoStopTokenizer(Tokenizer(Path(mobilevlm_ros.__file__).parent / "demo_model" / "tokenizer.model"))
     fast_paths = choose_fast_paths("cpu", dtype_name, spec.get("quant"))
-    # passed only when asked for: the code before the prefix cache (--code-before) has no such argument
-    cache = {"prefix_cache_frames": spec["prefix_cache_frames"]} if spec.get("prefix_cache_frames") else {}
-    return MobileVLMPipeline(model, tokenizer, 512, fast_paths, **cache)
+    # passed only when asked for: the code before the prefix cache (--code-before) takes neither
+    options = {name: spec[name] for name in ("prefix_cache_frames", "max_batch") if spec.get(name)}
+    return MobileVLMPipeline(model, tokenizer, 512, fast_paths, **options)
 
 
 def _images(n: int):

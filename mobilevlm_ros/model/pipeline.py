@@ -161,10 +161,13 @@ class _OwnFrame:
 
 class MobileVLMPipeline:
     def __init__(self, model: MobileVLM, tokenizer: Tokenizer, max_seq_len: int = 2048,
-                 fast_paths: FastPaths = EAGER, engine: VisionEncoder | None = None, prefix_cache_frames: int = 0):
+                 fast_paths: FastPaths = EAGER, engine: VisionEncoder | None = None, prefix_cache_frames: int = 0,
+                 max_batch: int = 1):
         """Takes the model over (apply_fast_paths): from here on images are encoded by ``self.encode_images`` and
         tokens decoded by ``self.decode_step``, both fixed now. prefix_cache_frames: how many frames' prompt
-        prefixes to keep for follow-up questions (prefix_cache.py; 0: none)."""
+        prefixes to keep for follow-up questions (prefix_cache.py; 0: none). max_batch: KV cache rows allocated
+        now (a server's batch size, which its memory check counts: allocated at start, not at its first batch;
+        choose_batch scores that many rows at a time); a larger ask_batch still grows the cache."""
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -172,6 +175,7 @@ class MobileVLMPipeline:
         self.device = model.llm.embed_tokens.weight.device  # lm_head may be quantised (quantize.py)
         self.encode_images, self.decode_step = apply_fast_paths(model, fast_paths, max_seq_len, engine)
         self.max_seq_len = model.llm.max_seq_len
+        model.llm.setup_cache(self.max_seq_len, max_batch)
         self.prefix_cache = PrefixCache(prefix_cache_frames)
         # A decoder that quantises its activations with one range per call (int8-dynamic) computes a prompt
         # prefilled in one call differently from its prefix and its tail prefilled in two: a frame's first keyed
@@ -191,13 +195,14 @@ class MobileVLMPipeline:
     def load(cls, model_dir: str | Path, vision_tower: str | Path | None = None, device: str = "cpu",
              dtype: str = "float32", max_seq_len: int = 2048, cuda_graphs: bool = True,
              compile_mode: str | None = None, quantize: str | None = None, onednn: bool = True,
-             prefix_cache_frames: int = 0) -> MobileVLMPipeline:
+             prefix_cache_frames: int = 0, max_batch: int = 1) -> MobileVLMPipeline:
         """A pipeline on the torch vision encoder (loading.load_pipeline adds engines). model_dir, vision_tower:
         ``~`` and ``$VARS`` are expanded. quantize: None or a CPU weight quantisation of the decoder's Linear
         layers (options.QUANTIZE_MODES). onednn, cuda_graphs, compile_mode: see choose_fast_paths."""
         fast_paths = choose_fast_paths(device, dtype, quantize, onednn, cuda_graphs, compile_mode)
         model, tokenizer = load_checkpoint(model_dir, vision_tower, device, dtype, quantize)
-        return cls(model, tokenizer, max_seq_len, fast_paths, prefix_cache_frames=prefix_cache_frames)
+        return cls(model, tokenizer, max_seq_len, fast_paths, prefix_cache_frames=prefix_cache_frames,
+                   max_batch=max_batch)
 
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:
         return tokenize_with_image(build_prompt([turns] if isinstance(turns, str) else list(turns)), self.tokenizer)
@@ -397,8 +402,8 @@ class MobileVLMPipeline:
         for ids in input_ids:
             self.check_fits(ids, longest)
         rows = self._rows(images, input_ids, row_keys, [None] * n)
-        # As many rows at a time as the KV cache holds already (the largest generation batch so far): scoring
-        # prefills each row alone anyway, so more rows (eight monitors, say) are not worth more cache memory.
+        # As many rows at a time as the KV cache holds already (max_batch, or the largest batch asked since):
+        # scoring prefills each row alone anyway, so more rows (eight monitors, say) are not worth more memory.
         per_pass = self.model.llm.max_batch
         log_likelihoods: list[list[float]] = []
         prefill_s = score_s = 0.0
