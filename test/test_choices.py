@@ -125,3 +125,27 @@ def test_demo_model_choices_are_at_least_as_accurate_as_free_text():
     for kind, tally in right.items():
         assert tally["asked"] > 0, kind
         assert tally["choice"] >= tally["text"], (kind, tally)
+
+
+def test_questions_about_one_frame_are_scored_together_as_alone():
+    """Six questions with choices about one new frame (as a monitor tick asks them) in one choose_batch, with a
+    4-row KV cache: the first question computes the frame's prefix, the others' tails are prefilled together, four
+    rows at a time at most (one forward for rows 2-4, one for rows 5-6, plus one per pass for the several-token
+    choices), and every question's scores equal choose() asked alone without a cache."""
+    checkpoint = CHECKPOINT_NAMES[-1]
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, prefix_cache_frames=2, max_batch=4)
+    image = Image.open(REFERENCE / "images" / "demo.jpg")
+    questions = ["Is there a person on the road?", "Is the light red?", "What colour is the car?",
+                 "Is the dock free?", "Is it raining?", "Which side is the cone on, left or right?"]
+    choices = [["yes", "no"], ["yes", "no"], ["red", "blue", "a green one"], ["yes", "no"], ["yes", "no"],
+               ["left", "right side"]]
+    alone = [vlm.choose(image, q, c) for q, c in zip(questions, choices)]
+    forwards = []
+    vlm.model.llm.register_forward_hook(lambda *_: forwards.append(1))
+    batch = vlm.choose_batch([image] * 6, questions, choices, frame_keys=["frame"] * 6)
+    # pass 1: row 1 whole, rows 2-4 together, its several-token choices; pass 2: rows 5-6 together, its choice
+    assert len(forwards) == 5
+    assert [c.prefix_cached for c in batch] == [False] + [True] * 5
+    for got, want in zip(batch, alone):
+        torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods),
+                                   atol=ATOL, rtol=0)

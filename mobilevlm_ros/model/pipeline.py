@@ -152,6 +152,15 @@ class _Rows:
     embed_ms: float
 
 
+@dataclass(frozen=True)
+class _FromPrefix(Prompt):
+    """A prompt that starts from its frame's prefix: load(row) puts the prefix into the row (and returns it), tail
+    [1, T, H] is what follows it."""
+
+    load: Callable[[int], FramePrefix]
+    tail: Tensor
+
+
 class _OwnFrame:
     """The frame of a row that names none: its own, never cached."""
 
@@ -294,14 +303,42 @@ class MobileVLMPipeline:
         """The frame's prefix loaded into the row, then the text after the image prefilled on top of it."""
         tail = self.model.embed_prompt(ids[ids.index(IMAGE_TOKEN_INDEX) + 1:], None)
 
-        def fill(row: int) -> Tensor:
+        def load(row: int) -> FramePrefix:
             prefix = prefixes[frame]
             assert prefix is not None, "rows are filled in order: the frame's first row computed its prefix"
             self.prefix_cache.count(hit=True)
             self.model.llm.write_cache(row, prefix.kv)
-            return self.model.prefill(tail, row, start=prefix.length)
+            return prefix
 
-        return Prompt(len(ids) - 1 + self.config.image_tokens, fill)
+        def fill(row: int) -> Tensor:
+            return self.model.prefill(tail, row, start=load(row).length)
+
+        return _FromPrefix(len(ids) - 1 + self.config.image_tokens, fill, load, tail)
+
+    def _fill_for_scoring(self, prompts: Sequence[Prompt]) -> list[tuple[int, Tensor]]:
+        """Each prompt's cache row and last logits [1, V]. The prompts that start from a prefix (the questions
+        after a frame's first, monitors) are prefilled together in one forward, right-padded, in the rows after
+        the others (which fill theirs first, computing the prefixes); with a decoder that quantises each call's
+        activations (int8-dynamic) padding would change them, so there every prompt is filled alone."""
+        together = [i for i, p in enumerate(prompts) if isinstance(p, _FromPrefix) and not self.prefill_prefix_apart]
+        alone = [i for i in range(len(prompts)) if i not in together]
+        out: dict[int, tuple[int, Tensor]] = {i: (row, prompts[i].fill(row)) for row, i in enumerate(alone)}
+        if together:
+            first = len(alone)
+            tails = [prompts[i] for i in together]
+            width = max(p.tail.shape[1] for p in tails)
+            embeds = torch.zeros(len(tails), width, tails[0].tail.shape[2], dtype=tails[0].tail.dtype,
+                                 device=self.device)
+            starts = set()
+            for row, p in enumerate(tails, first):
+                embeds[row - first, :p.tail.shape[1]] = p.tail[0]
+                starts.add(p.load(row).length)
+            start, = starts  # every prefix is the same text and 144 image tokens long
+            logits = self.model.llm(embeds, torch.arange(start, start + width, device=self.device), start + width,
+                                    first_row=first, all_positions=True)
+            for row, (i, p) in enumerate(zip(together, tails)):
+                out[i] = (first + row, logits[row, p.tail.shape[1] - 1][None])
+        return [out[i] for i in range(len(prompts))]
 
     @torch.inference_mode()
     def ask(self, image: Image.Image | np.ndarray, turns: str | Sequence[str],
@@ -402,15 +439,16 @@ class MobileVLMPipeline:
         for ids in input_ids:
             self.check_fits(ids, longest)
         rows = self._rows(images, input_ids, row_keys, [None] * n)
-        # As many rows at a time as the KV cache holds already (max_batch, or the largest batch asked since):
-        # scoring prefills each row alone anyway, so more rows (eight monitors, say) are not worth more memory.
+        # As many rows at a time as the KV cache holds already (max_batch, or the largest batch asked since), not
+        # more: eight monitors take two passes of four rows rather than twice the cache memory.
         per_pass = self.model.llm.max_batch
         log_likelihoods: list[list[float]] = []
         prefill_s = score_s = 0.0
         for first in range(0, n, per_pass):
             filled = time.perf_counter()
-            scored = [ScoredPrompt(row, prompt.length, prompt.fill(row), choice_ids[first + row])
-                      for row, prompt in enumerate(rows.prompts[first:first + per_pass])]
+            chunk = rows.prompts[first:first + per_pass]
+            scored = [ScoredPrompt(row, prompt.length, logits, choice_ids[first + i])
+                      for i, (prompt, (row, logits)) in enumerate(zip(chunk, self._fill_for_scoring(chunk)))]
             prefilled = time.perf_counter()
             log_likelihoods += score(self.model.llm, scored)
             prefill_s, score_s = prefill_s + prefilled - filled, score_s + time.perf_counter() - prefilled
