@@ -147,16 +147,24 @@ def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=None)
     node = rclpy.create_node("mobilevlm_bag_replay")
     try:
-        publishers = create_publishers(node, messages, remap)
-        topics = [publisher.topic_name for publisher in publishers.values()]
-        if args.wait_for_subscribers and not wait_for_subscribers(node, topics, args.wait_for_subscribers):
-            print(f"mobilevlm replay-bag: no subscriber on some of {topics} after {args.wait_for_subscribers} s; "
-                  "playing anyway", file=sys.stderr)
-        while True:
-            sent = replay(publishers, messages, args.rate)
-            print(f"mobilevlm replay-bag: published {sent} messages", flush=True)
-            if not args.loop:
-                return 0
+        try:
+            publishers = create_publishers(node, messages, remap)
+            topics = [publisher.topic_name for publisher in publishers.values()]
+            if args.wait_for_subscribers and not wait_for_subscribers(node, topics, args.wait_for_subscribers):
+                print(f"mobilevlm replay-bag: no subscriber on some of {topics} after {args.wait_for_subscribers} "
+                      "s; playing anyway", file=sys.stderr)
+            while True:
+                sent = replay(publishers, messages, args.rate)
+                print(f"mobilevlm replay-bag: published {sent} messages", flush=True)
+                if not args.loop:
+                    return 0
+        except Exception:
+            # Ctrl-C: rclpy's signal handler shuts the context down before Python raises KeyboardInterrupt, so a
+            # publish under way fails with "publisher's context is invalid" first (the KeyboardInterrupt follows,
+            # caught below).
+            if rclpy.ok():
+                raise
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:

@@ -316,6 +316,21 @@ def test_bag_replay_service_and_action(graph, robot, tmp_path, storage):
     assert replay.returncode == 0, "".join(lines)
 
 
+def test_replay_bag_exits_cleanly_on_ctrl_c_while_publishing(graph, tmp_path):
+    """Ctrl-C to mobilevlm replay-bag while it publishes as fast as it can (a looping bag at 1000x, so the signal
+    lands inside a publish now and then, where rclpy has shut the context down before Python raises
+    KeyboardInterrupt): exit status 0, five times over."""
+    frames = [CameraFrame(f"{NS}/replay_test/image_raw", i * 1_000_000, STREET, "f") for i in range(20)]
+    bag = write_camera_bag(tmp_path / "bag", frames)
+    for _ in range(5):
+        replay = subprocess.Popen([sys.executable, "-m", "mobilevlm_ros.bags", str(bag), "--loop", "--rate", "1000",
+                                   "--wait-for-subscribers", "0"], env=graph.env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        first = replay.stdout.readline()  # a whole pass is out: it is publishing now
+        status = interrupt(replay)
+        assert "published 20 messages" in first and status == 0, first + replay.stdout.read()
+
+
 # Each single-turn golden case: the camera and the encoding its reference image travels in. The reference opened
 # each file with PIL and .convert("RGB"): the node must decode the wire format to the same pixels (rgba8 drops the
 # alpha without compositing, mono8 replicates the grey, the JPEG is decoded by Pillow as the reference's was).
