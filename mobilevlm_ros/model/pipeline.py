@@ -151,6 +151,12 @@ class _Rows:
     vision_ms: float
     embed_ms: float
 
+    def vision_timings(self, b: int) -> dict[str, float]:
+        """Row b's share of the batch's preprocessing and vision: all of it when its frame went through them
+        here, none when its prefix was computed before."""
+        return {"preprocess_ms": self.preprocess_ms if self.encoded[b] else 0.0,
+                "vision_ms": self.vision_ms if self.encoded[b] else 0.0}
+
 
 @dataclass(frozen=True)
 class _FromPrefix(Prompt):
@@ -162,10 +168,7 @@ class _FromPrefix(Prompt):
 
 
 class _OwnFrame:
-    """The frame of a row that names none: its own, never cached."""
-
-    def __init__(self, row: int):
-        self.row = row
+    """The frame of a row that names none: its own (each instance equal only to itself), never cached."""
 
 
 class MobileVLMPipeline:
@@ -245,7 +248,7 @@ class MobileVLMPipeline:
         frame."""
         start = time.perf_counter()
         caching = self.prefix_cache.max_frames > 0
-        frames = [key if caching and key is not None else _OwnFrame(b) for b, key in enumerate(frame_keys)]
+        frames = [key if caching and key is not None else _OwnFrame() for key in frame_keys]
         prefixes: dict[Hashable, FramePrefix | None] = {}  # this batch's frames: None until a row computes it
         for frame, ids in zip(frames, input_ids):
             if frame not in prefixes:
@@ -262,11 +265,11 @@ class MobileVLMPipeline:
         encoded = time.perf_counter()
         go = [b for b in range(len(images)) if cancelled[b] is None or not cancelled[b]()]
         prompts, from_prefix = [], []
+        computing: set = set()  # the encoded frames whose first row (that goes on) has its prompt
         for b in go:
             frame, ids = frames[b], input_ids[b]
-            if prefixes[frame] is None and frame not in image_tokens:
-                raise AssertionError("every uncached frame was encoded")
-            if frame in image_tokens and not any(frames[g] == frame for g in go[:go.index(b)]):
+            if frame in image_tokens and frame not in computing:
+                computing.add(frame)
                 embeds = self.model.embed_prompt(ids, image_tokens[frame][None])
                 prompts.append(Prompt.of_embeds(self.model, embeds) if isinstance(frame, _OwnFrame)
                                else self._prompt_leaving_prefix(embeds, frame, ids, prefixes))
@@ -396,8 +399,7 @@ class MobileVLMPipeline:
             out = outs.get(b) or Generation(ids=[], text="", stopped_by="cancelled", prefill_ms=0.0, decode_ms=0.0)
             decode_tokens = max(len(out.ids) - 1, 0)  # the first token comes out of the prefill
             timings = {
-                "preprocess_ms": rows.preprocess_ms if rows.encoded[b] else 0.0,  # none for a cached frame
-                "vision_ms": rows.vision_ms if rows.encoded[b] else 0.0,
+                **rows.vision_timings(b),
                 "prefill_ms": out.prefill_ms,
                 "ttft_ms": rows.preprocess_ms + rows.vision_ms + rows.embed_ms + out.prefill_ms,
                 "decode_ms": out.decode_ms,
@@ -454,8 +456,7 @@ class MobileVLMPipeline:
             prefill_s, score_s = prefill_s + prefilled - filled, score_s + time.perf_counter() - prefilled
         done = time.perf_counter()
         return [choice_of(choices[b], log_likelihoods[b], input_ids[b], rows.from_prefix[b], {
-            "preprocess_ms": rows.preprocess_ms if rows.encoded[b] else 0.0,
-            "vision_ms": rows.vision_ms if rows.encoded[b] else 0.0,
+            **rows.vision_timings(b),
             "prefill_ms": prefill_s * 1e3,
             "score_ms": score_s * 1e3,
             "total_ms": (done - start) * 1e3}) for b in range(n)]
