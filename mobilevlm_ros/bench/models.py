@@ -70,7 +70,7 @@ def random_mobilevlm(config: MobileVLMConfig, dtype: torch.dtype = torch.float32
     """Build the model on the meta device and materialise one tensor at a time (quantising Linear layers of the
     decoder as they are made), so peak memory stays near the final weights' size. vision=False leaves the vision
     tower and projector on the meta device (decoder-only benchmarks), llm=False the decoder."""
-    from ..model.quantize import quantize_linear
+    from ..model.quantize import fuse_shared_inputs, quantize_linear
     from ..model.swap import return_freed_memory
 
     with torch.device("meta"):
@@ -93,6 +93,7 @@ def random_mobilevlm(config: MobileVLMConfig, dtype: torch.dtype = torch.float32
             value = init_tensor(full, tuple(p.shape), seed, dtype if is_llm else vdtype)
             setattr(module, pname, nn.Parameter(value, requires_grad=False))
     if quant is not None:
+        fuse_shared_inputs(model.llm)  # as quantize_llm does (int8-dynamic)
         return_freed_memory()  # as quantize_llm does: the float weights just quantised
     return model.eval()
 
