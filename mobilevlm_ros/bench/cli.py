@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llm-layers", type=int, help="shrink the decoder depth (smoke tests only)")
     p.add_argument("--vision-layers", type=int, help="shrink the vision tower depth (smoke tests only)")
     p.add_argument("--out", default="bench-results", help="directory for results.json, results.md, plot")
-    p.add_argument("--gguf-cache", default=os.path.expanduser("~/.cache/mobilevlm dev bench"))
+    p.add_argument("--gguf-cache", default=os.path.expanduser("~/.cache/mobilevlm-bench"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure every configuration this many times, in turns (the order reversed every other "
