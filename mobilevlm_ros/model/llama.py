@@ -38,15 +38,12 @@ class KVCache(nn.Module):
         """k, v [B, H, T, D] into B cache rows from first_row (which are returned) at input_pos: [T] for every
         row at the same positions, [B, T] for each row at its own."""
         b = k.shape[0]
-        k_cache, v_cache = self.k_cache[first_row:first_row + b], self.v_cache[first_row:first_row + b]
-        if input_pos.dim() == 1:
-            k_cache.index_copy_(2, input_pos, k)
-            v_cache.index_copy_(2, input_pos, v)
-        else:
-            rows = torch.arange(b, device=k.device)[:, None]
-            k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, H, D]
-            v_cache[rows, :, input_pos] = v.transpose(1, 2)
-        return k_cache, v_cache
+        rows = torch.arange(first_row, first_row + b, device=k.device)[:, None]
+        # Written into the whole buffer, not into a slice of it: torch.compile (cpu_decode.py) turns a write into a
+        # slice of a graph input into a copy of the whole buffer every step (all rows, all positions).
+        self.k_cache[rows, :, input_pos] = k.transpose(1, 2)  # indexed as [B, T, H, D]
+        self.v_cache[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k_cache[first_row:first_row + b], self.v_cache[first_row:first_row + b]
 
     def read(self, row: int, length: int) -> Tensor:
         """A copy of row's first length positions: [2, H, length, D] (keys, values)."""
