@@ -11,7 +11,6 @@ the file holds (the last test pins that down, so a llama.cpp that fixes it shows
 """
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 from dataclasses import replace
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mobilevlm_ros.bench.e2e import llamacpp_image_chunk
 from mobilevlm_ros.bench.gguf_export import write_gguf, write_projector_gguf
 from mobilevlm_ros.bench.models import random_mobilevlm, real_config
 from mobilevlm_ros.model.image import preprocess
@@ -46,25 +46,14 @@ def llama_cpp_image_embedding(decoder_path, projector_path, image: Image.Image, 
     params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, threads, False
     ctx = mtmd.mtmd_init_from_file(str(projector_path).encode(), llm.model, params)
     assert ctx, "llama.cpp refused the projector file"
-    rgb = image.tobytes()
-    bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb))
-    chunks = mtmd.mtmd_input_chunks_init()
     try:
-        text = mtmd.mtmd_input_text()
-        marker = mtmd.mtmd_default_marker()
-        text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
-        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        chunk = next(c for c in (mtmd.mtmd_input_chunks_get(chunks, i)
-                                 for i in range(mtmd.mtmd_input_chunks_size(chunks)))
-                     if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
-        tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-        assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
-        width = llm.n_embd()
-        return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(tokens * width,)).reshape(tokens,
-                                                                                                      width).copy()
+        with llamacpp_image_chunk(mtmd, ctx, image) as chunk:
+            tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+            width = llm.n_embd()
+            return np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(tokens * width,)).reshape(
+                tokens, width).copy()
     finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-        mtmd.mtmd_bitmap_free(bitmap)
         mtmd.mtmd_free(ctx)
         llm.close()
 

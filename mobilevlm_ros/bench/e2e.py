@@ -24,6 +24,7 @@ and the split (vision, prefill, decode, other = wall - the three).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -160,12 +161,12 @@ def _data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def llamacpp_vision_ms(handler, image) -> float:
-    """llama.cpp's vision tower + projector on one image, timed around mtmd_encode_chunk (the call its chat
-    handler's mtmd_helper_eval_chunk_single makes before feeding the image embeddings to the decoder)."""
+@contextlib.contextmanager
+def llamacpp_image_chunk(mtmd, ctx, image):
+    """llama.cpp's image chunk of one image (the chunk mtmd_tokenize makes of its default media marker with the
+    image), ready for mtmd_encode_chunk on ctx; its bitmap and chunks are freed on leaving."""
     import ctypes
 
-    mtmd = handler._mtmd_cpp
     rgb = image.convert("RGB").tobytes()
     bitmap = mtmd.mtmd_bitmap_init(image.width, image.height, (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb))
     chunks = mtmd.mtmd_input_chunks_init()
@@ -174,18 +175,25 @@ def llamacpp_vision_ms(handler, image) -> float:
         marker = mtmd.mtmd_default_marker()
         text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
         bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
-        if mtmd.mtmd_tokenize(handler.mtmd_ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
+        if mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1) != 0:
             raise RuntimeError("mtmd_tokenize failed")
-        chunk = next(mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))
-                     if mtmd.mtmd_input_chunk_get_type(mtmd.mtmd_input_chunks_get(chunks, i))
-                     == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+        yield next(chunk for chunk in (mtmd.mtmd_input_chunks_get(chunks, i)
+                                       for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+                   if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE)
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+
+
+def llamacpp_vision_ms(handler, image) -> float:
+    """llama.cpp's vision tower + projector on one image, timed around mtmd_encode_chunk (the call its chat
+    handler's mtmd_helper_eval_chunk_single makes before feeding the image embeddings to the decoder)."""
+    mtmd = handler._mtmd_cpp
+    with llamacpp_image_chunk(mtmd, handler.mtmd_ctx, image) as chunk:
         t = time.perf_counter()
         if mtmd.mtmd_encode_chunk(handler.mtmd_ctx, chunk) != 0:
             raise RuntimeError("mtmd_encode_chunk failed")
         return (time.perf_counter() - t) * 1e3
-    finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-        mtmd.mtmd_bitmap_free(bitmap)
 
 
 def run_llamacpp(spec: dict) -> dict:
