@@ -235,20 +235,24 @@ def fuse_dynamic_int8(parts: list[DynamicInt8Linear]) -> DynamicInt8Linear:
     return DynamicInt8Linear(linear)
 
 
+# Per decoder layer: a module, the layers of it that read the same input, and the fused layer that replaces them.
+SHARED_INPUTS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                 ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
+
+
 def fuse_shared_inputs(llm: nn.Module) -> None:
     """int8-dynamic: each decoder layer's q, k and v projections, and its gate and up projections, fused into one
     layer each (fuse_dynamic_int8; llama.py splits the outputs): four fbgemm calls per layer instead of seven."""
-    fused = 0
+    fused = False
     for layer in llm.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if all(isinstance(m, DynamicInt8Linear) for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
-            attn.qkv_proj = fuse_dynamic_int8([attn.q_proj, attn.k_proj, attn.v_proj])
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-            fused += 1
-        if all(isinstance(m, DynamicInt8Linear) for m in (mlp.gate_proj, mlp.up_proj)):
-            mlp.gate_up_proj = fuse_dynamic_int8([mlp.gate_proj, mlp.up_proj])
-            mlp.gate_proj = mlp.up_proj = None
-            fused += 1
+        for module_name, part_names, fused_name in SHARED_INPUTS:
+            module = getattr(layer, module_name)
+            parts = [getattr(module, name) for name in part_names]
+            if all(isinstance(part, DynamicInt8Linear) for part in parts):
+                setattr(module, fused_name, fuse_dynamic_int8(parts))
+                for name in part_names:
+                    setattr(module, name, None)
+                fused = True
     if fused:
         return_freed_memory()
 
