@@ -229,8 +229,10 @@ def answer(graph: Graph, ns: str, question: str) -> dict:
     return wait_until(answered, START_TIMEOUT_S, interval=0.5, what=f"an answer from {ns}/ask_scene")
 
 
-def echo_once(graph: Graph, topic: str, msg_type: str) -> dict:
-    code, output = graph.run("topic", "echo", "--once", topic, msg_type)
+def echo_once(graph: Graph, topic: str, msg_type: str, *qos: str) -> dict:
+    """The next message on topic. qos: `ros2 topic echo`'s QoS options; without them it picks its QoS from the
+    publishers it has discovered when it starts (none yet: best effort and volatile)."""
+    code, output = graph.run("topic", "echo", "--once", *qos, topic, msg_type)
     assert code == 0, output
     return echoed_message(output)
 
@@ -335,7 +337,10 @@ def test_model_path_argument_loads_that_model_and_cancel_from_the_client(robot8)
     assert "Canceling goal..." in goal.output(), goal.output()
 
     def goal_status():
-        statuses = echo_once(robot8, "/robot8/ask_scene/_action/status", "action_msgs/msg/GoalStatusArray")
+        # The status is published once, when the goal ends, on a reliable transient-local topic (rclpy's action
+        # server): asked for explicitly, so an echo that starts before it discovers the server still gets it.
+        statuses = echo_once(robot8, "/robot8/ask_scene/_action/status", "action_msgs/msg/GoalStatusArray",
+                             "--qos-reliability", "reliable", "--qos-durability", "transient_local")
         for status in statuses["status_list"]:
             if bytes(status["goal_info"]["goal_id"]["uuid"]).hex() == goal_id:
                 return status["status"] if status["status"] >= 4 else None  # 4..6: terminal
