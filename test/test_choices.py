@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 from conftest import CHECKPOINT_NAMES, CHECKPOINTS, REFERENCE, golden_cases
 from mobilevlm_ros.demo import DEFAULT_MODEL_DIR
 from mobilevlm_ros.demo.scenes import BOX_COLORS, CAR_COLORS, LIGHT_STATES, answer_matches, make_scene
 from mobilevlm_ros.model import MAX_CHOICES, MobileVLMPipeline, SamplingParams
+from mobilevlm_ros.model.llama import TreeRow
 from mobilevlm_ros.model.prompt import build_prompt, tokenize_with_image
 
 ATOL = 1e-4
@@ -32,7 +34,8 @@ def _brute_force(vlm: MobileVLMPipeline, image, turns, choice: str) -> float:
         image_tokens = model.encode_images(vlm.pixel_values(image))
         embeds = model.embed_prompt(full, image_tokens)
         model.llm.setup_cache(vlm.max_seq_len)
-        logits = model.llm(embeds, torch.arange(embeds.shape[1]), embeds.shape[1], all_positions=True)[0]
+        positions = torch.arange(embeds.shape[1])
+        logits = model.llm(embeds, positions, embeds.shape[1], logits_at=positions[None])[0]
     log_probs = logits.float().log_softmax(-1)
     start = embeds.shape[1] - len(choice_ids) - 1  # the position whose logits predict the first choice token
     return float(sum(log_probs[start + i, token] for i, token in enumerate(choice_ids)))
@@ -57,21 +60,67 @@ def test_choice_scores_equal_a_brute_force_forward(checkpoint):
         assert got.prefix_cached
 
 
-def test_choices_batch_as_alone_on_the_node_kernels():
+@pytest.mark.parametrize("quantize", [None, "int8-dynamic"])
+def test_choices_batch_as_alone_on_the_node_kernels(quantize):
     """choose_batch over every case, with several questions about one frame in the batch (one vision pass for
-    them): each row's scores equal choose() alone, on the pipeline as the node loads it."""
+    them): each row's scores equal choose() alone, on the pipeline as the node loads it; also on the int8-dynamic
+    decoder, whose prompts are filled as for generation and whose choices' branches run in a forward of their
+    own."""
     checkpoint = CHECKPOINT_NAMES[-1]
-    vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, prefix_cache_frames=4)
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, prefix_cache_frames=4, quantize=quantize)
     cases = golden_cases(checkpoint)
     images = [Image.open(REFERENCE / case["image"]) for case in cases]
     turns = [case["turns"] for case in cases]
-    alone = [vlm.choose(image, t, CHOICES) for image, t in zip(images, turns)]
+    # a key of its own per question alone: keyed prompts fill the prefix and the question in two calls, which
+    # int8-dynamic (one activation range per call) tells apart from one
+    alone = [vlm.choose(image, t, CHOICES, frame_key=("alone", i)) for i, (image, t) in enumerate(zip(images, turns))]
     keys = [case["image"] for case in cases]
     batch = vlm.choose_batch(images, turns, [CHOICES] * len(cases), frame_keys=keys)
     for got, want in zip(batch, alone):
         torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods),
                                    atol=ATOL, rtol=0)
         assert got.answer == want.answer
+
+
+def test_forward_tree_rows_equal_plain_forwards():
+    """MobileLlama.forward_tree on three cache rows at different filled lengths (one with no main tokens, rows of
+    different widths: padding): main's last logits and every branch's logits equal a plain forward over the row's
+    filled tokens, main and that branch alone (float32, within 1e-4), and the tree leaves the filled positions'
+    cache entries as they were."""
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / CHECKPOINT_NAMES[-1], onednn=False, max_batch=3)
+    llm = vlm.model.llm
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, llm.config.vocab_size, (3, 40), generator=generator)
+    # (filled before, main tokens, branch token ranges) per row
+    layout = [(7, (7, 12), [(12, 15), (15, 16), (16, 20)]), (20, (20, 20), [(20, 22), (22, 25)]),
+              (3, (3, 9), [])]
+    with torch.inference_mode():
+        for row, (start, _, _) in enumerate(layout):
+            vlm.model.prefill(llm.embed_tokens(tokens[row, :start])[None], row)
+        filled = [llm.read_cache(row, start) for row, (start, _, _) in enumerate(layout)]
+        rows = [TreeRow(start, llm.embed_tokens(tokens[r, slice(*main)]),
+                        [llm.embed_tokens(tokens[r, slice(*b)]) for b in branches])
+                for r, (start, main, branches) in enumerate(layout)]
+        got = llm.forward_tree(rows)
+        for row, (start, _, _) in enumerate(layout):
+            assert torch.equal(llm.read_cache(row, start), filled[row])
+
+        def plain(row: int, ids: Tensor) -> Tensor:  # logits at every one of ids after the row's filled tokens
+            full = torch.cat([tokens[row, :layout[row][0]], ids])
+            positions = torch.arange(len(full))
+            return llm(llm.embed_tokens(full)[None], positions, len(full), logits_at=positions[None])[0, -len(ids):]
+
+        for r, (start, (m0, m1), branches) in enumerate(layout):
+            last, branch_logits = got[r]
+            main = tokens[r, m0:m1]
+            if len(main):
+                torch.testing.assert_close(last, plain(r, main)[-1], atol=ATOL, rtol=0)
+            else:
+                assert last is None
+            assert len(branch_logits) == len(branches)
+            for (b0, b1), logits in zip(branches, branch_logits):
+                torch.testing.assert_close(logits, plain(r, torch.cat([main, tokens[r, b0:b1]]))[len(main):],
+                                           atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("choices, reason", [
@@ -130,8 +179,9 @@ def test_demo_model_choices_are_at_least_as_accurate_as_free_text():
 def test_questions_about_one_frame_are_scored_together_as_alone():
     """Six questions with choices about one new frame (as a monitor tick asks them) in one choose_batch, with a
     4-row KV cache: the first question computes the frame's prefix, the others' tails are prefilled together, four
-    rows at a time at most (one forward for rows 2-4, one for rows 5-6, plus one per pass for the several-token
-    choices), and every question's scores equal choose() asked alone without a cache."""
+    rows at a time at most, each with its several-token choices' branches in the same forward (one forward for
+    row 1, one for rows 2-4, one for rows 5-6), and every question's scores equal choose() asked alone without a
+    cache."""
     checkpoint = CHECKPOINT_NAMES[-1]
     vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, prefix_cache_frames=2, max_batch=4)
     image = Image.open(REFERENCE / "images" / "demo.jpg")
@@ -143,8 +193,8 @@ def test_questions_about_one_frame_are_scored_together_as_alone():
     forwards = []
     vlm.model.llm.register_forward_hook(lambda *_: forwards.append(1))
     batch = vlm.choose_batch([image] * 6, questions, choices, frame_keys=["frame"] * 6)
-    # pass 1: row 1 whole, rows 2-4 together, its several-token choices; pass 2: rows 5-6 together, its choice
-    assert len(forwards) == 5
+    # pass 1: row 1 whole, rows 2-4 together; pass 2: rows 5-6 together; the branches inside those forwards
+    assert len(forwards) == 3
     assert [c.prefix_cached for c in batch] == [False] + [True] * 5
     for got, want in zip(batch, alone):
         torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods),

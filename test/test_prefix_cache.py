@@ -167,10 +167,10 @@ def test_the_onnx_runtime_vision_engine_with_cached_frames(tmp_path):
     assert warm[0] == warm[1] == cold == [case["generated_ids"][:16] for case in cases]
 
 
-def test_max_batch_rows_are_allocated_at_start_and_score_choices_together():
-    """max_batch=4 (the node passes its max_batch): the KV cache holds 4 rows from the start, and choose_batch
-    scores two several-token choices of one question in one forward (4 rows) with the same scores as a pipeline
-    whose cache holds one row (one forward per choice)."""
+def test_max_batch_rows_are_allocated_at_start_and_choices_score_in_the_prompt_forward():
+    """max_batch=4 (the node passes its max_batch): the KV cache holds 4 rows from the start; choose() scores
+    two several-token choices of one question inside the prompt's own forward (one forward in all) with the same
+    scores as a pipeline whose cache holds one row."""
     checkpoint = CHECKPOINT_NAMES[-1]
     wide = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, max_batch=4)
     narrow = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False)
@@ -180,7 +180,7 @@ def test_max_batch_rows_are_allocated_at_start_and_score_choices_together():
     forwards = []
     wide.model.llm.register_forward_hook(lambda *_: forwards.append(1))
     got = wide.choose(_image(case), case["turns"], choices)
-    assert len(forwards) == 2  # the prompt's prefill, then one forward for both several-token choices
+    assert len(forwards) == 1  # the prompt's prefill, with both several-token choices as branches after it
     want = narrow.choose(_image(case), case["turns"], choices)
     torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods), atol=ATOL,
                                rtol=0)

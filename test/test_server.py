@@ -441,7 +441,7 @@ def test_choices_answer_as_pipeline_choose_and_share_the_frame_prefix(cached):
     assert result.success and result.answer == alone.answer and result.tokens_generated == 0
     assert result.choice_probabilities == pytest.approx(alone.probabilities, abs=1e-4)
     assert len(result.choice_probabilities) == 3 and sum(result.choice_probabilities) == pytest.approx(1.0)
-    assert result.frame.seq == 7 and result.vision_ms >= 0 and result.decode_ms > 0
+    assert result.frame.seq == 7 and result.vision_ms >= 0 and result.prefill_ms > 0 and result.decode_ms >= 0
     server.shutdown()
 
 

@@ -2,9 +2,10 @@
 
 A choice's score is the log-likelihood of its tokens after ``ASSISTANT:``, the tokens being those the tokenizer
 gives when the prompt's text is continued with a space and the choice (what the model would have to generate to
-answer with it). The first token's log-probability comes from the prompt's own last logits; the others from one
-forward over every longer choice at once, each in a cache row holding a copy of its prompt. Most answers a planner
-acts on ("Yes", "No", "red", "green") are one token long and need no forward at all.
+answer with it). The first token's log-probability comes from the prompt's own last logits; the others from the
+logits at the choice's earlier tokens, fed as a branch after the prompt (MobileLlama.forward_tree): all of a
+prompt's branches in the same forward as the prompt's own last tokens, so choices cost no extra pass over the
+weights. Most answers a planner acts on ("Yes", "No", "red", "green") are one token long and need no branch.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .llama import MobileLlama
 
 MAX_CHOICES = 16  # more is a classification task, not a question to a robot's planner
 
@@ -56,45 +56,24 @@ def continuation_ids(prompt_ids: list[int], prompt_with_choice_ids: list[int], c
     return prompt_with_choice_ids[n:]
 
 
-@dataclass(frozen=True)
-class ScoredPrompt:
-    """A prompt filled into cache row ``row`` (positions < length), its last logits [1, V] and its choices'
-    tokens."""
-
-    row: int
-    length: int
-    last_logits: Tensor
-    choice_ids: list[list[int]]
+def branches(choice_ids: Sequence[list[int]]) -> list[list[int]]:
+    """The tokens to feed after the prompt to score the choices: each longer choice's tokens but its last (whose
+    logits predict nothing it needs); a one-token choice needs none."""
+    return [ids[:-1] for ids in choice_ids if len(ids) > 1]
 
 
-@torch.inference_mode()
-def score(llm: MobileLlama, prompts: Sequence[ScoredPrompt]) -> list[list[float]]:
-    """Each prompt's choices' log-likelihoods (float32 sums of their tokens' log-probabilities).
-
-    Choices longer than a token run in one forward per llm.max_batch of them, each in a cache row that first
-    gets a copy of its prompt's positions (read before any row is overwritten), right-padded to the longest; a
-    row's padding comes after its tokens, which therefore never see it."""
-    scores = [[float(p.last_logits[0].float().log_softmax(-1)[ids[0]]) for ids in p.choice_ids] for p in prompts]
-    longer = [(i, c) for i, p in enumerate(prompts) for c, ids in enumerate(p.choice_ids) if len(ids) > 1]
-    if not longer:
-        return scores
-    device = llm.embed_tokens.weight.device
-    kv = {i: llm.read_cache(prompts[i].row, prompts[i].length) for i in {i for i, _ in longer}}
-    for first in range(0, len(longer), llm.max_batch):
-        chunk = longer[first:first + llm.max_batch]
-        width = max(len(prompts[i].choice_ids[c]) - 1 for i, c in chunk)  # the last token is never fed
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-        positions = torch.empty(len(chunk), width, dtype=torch.long, device=device)
-        for row, (i, c) in enumerate(chunk):
-            ids = prompts[i].choice_ids[c][:-1]
-            tokens[row, :len(ids)] = torch.tensor(ids, device=device)
-            positions[row] = prompts[i].length + torch.arange(width, device=device)
-            llm.write_cache(row, kv[i])
-        logits = llm(llm.embed_tokens(tokens), positions, int(positions.max()) + 1, all_positions=True)
-        log_probs = logits.float().log_softmax(-1)
-        for row, (i, c) in enumerate(chunk):
-            ids = prompts[i].choice_ids[c]
-            scores[i][c] += float(sum(log_probs[row, t, ids[t + 1]] for t in range(len(ids) - 1)))
+def score(last_logits: Tensor, branch_logits: Sequence[Tensor], choice_ids: Sequence[list[int]]) -> list[float]:
+    """Each choice's log-likelihood (a float32 sum of its tokens' log-probabilities) from the prompt's last logits
+    [V] and the logits [n, V] of the branches (in the order branches() gives them)."""
+    first = last_logits.float().log_softmax(-1)
+    later = iter(branch_logits)
+    scores = []
+    for ids in choice_ids:
+        log_likelihood = first[ids[0]]
+        if len(ids) > 1:
+            log_probs = next(later).float().log_softmax(-1)
+            log_likelihood = log_likelihood + log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum()
+        scores.append(float(log_likelihood))
     return scores
 
 

@@ -15,7 +15,8 @@ compute-bound.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,30 @@ from torch import Tensor, nn
 from .config import LlamaConfig
 
 AttendOneQuery = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q [B, H, 1, D], k, v [B, H, S, D]) -> [B, H, 1, D]
+
+
+@dataclass(frozen=True)
+class TokenTree:
+    """Where a forward's tokens sit when they are not one plain continuation (MobileLlama.forward_tree): slots
+    [B, T] are the cache positions their keys and values are written to (their RoPE positions are input_pos), mask
+    [B, 1, T, kv_len] the cache positions each one attends to."""
+
+    slots: Tensor
+    mask: Tensor
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """One cache row's part of MobileLlama.forward_tree: its positions before start are filled already (a prompt,
+    or a frame's prefix); main [T, D] (T may be 0) continues from start; each branch [n, D] continues after main
+    as if it alone followed it, seeing neither other branch."""
+
+    start: int
+    main: Tensor
+    branches: Sequence[Tensor]
+
+
+TreeLogits = tuple[Tensor | None, list[Tensor]]  # main's last logits [V] (None: main is empty), each branch's [n, V]
 
 
 class KVCache(nn.Module):
@@ -100,10 +125,11 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
                 mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention,
-                first_row: int = 0) -> Tensor:
+                first_row: int = 0, tree: TokenTree | None = None) -> Tensor:
         """x's rows use the cache's rows from first_row. input_pos: [T] (every row at these positions) or [B, T]
         (each row at its own). attend_one_query(q, k, v): one new token per row over the filled cache when every
-        row is at the same position, unmasked (cpu_decode.py passes a compiled kernel for its decode steps)."""
+        row is at the same position, unmasked (cpu_decode.py passes a compiled kernel for its decode steps). tree:
+        the tokens' cache slots and mask, when they are not input_pos and the positions up to it."""
         b, t, d = x.shape
         if self.qkv_proj is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -114,7 +140,7 @@ class Attention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, first_row)
+            k, v = self.kv_cache.update(input_pos if tree is None else tree.slots, k, v, first_row)
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.num_kv_heads != self.num_heads:
             repeat = self.num_heads // self.num_kv_heads
@@ -123,6 +149,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif t == 1 and not mask_cache and input_pos.dim() == 1:  # sees the whole filled prefix: no mask needed
             y = attend_one_query(q, k, v)
+        elif tree is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=tree.mask)
         else:
             mask = torch.arange(kv_len, device=x.device) <= input_pos[..., None]  # [T, S] or [B, T, S]
             if mask.dim() == 3:
@@ -157,9 +185,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor | None, kv_len: int,
                 mask_cache: bool = False, attend_one_query: AttendOneQuery = F.scaled_dot_product_attention,
-                first_row: int = 0) -> Tensor:
+                first_row: int = 0, tree: TokenTree | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, kv_len, mask_cache, attend_one_query,
-                               first_row)
+                               first_row, tree)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -204,13 +232,15 @@ class MobileLlama(nn.Module):
             layer.self_attn.kv_cache.write(row, layer_kv)
 
     def forward(self, embeds: Tensor, input_pos: Tensor, kv_len: int, mask_cache: bool = False,
-                run_layer: RunLayer | None = None, first_row: int = 0, all_positions: bool = False) -> Tensor:
+                run_layer: RunLayer | None = None, first_row: int = 0, logits_at: Tensor | None = None,
+                tree: TokenTree | None = None) -> Tensor:
         """embeds [B, T, D] at positions input_pos, [T] for every row or [B, T] for each row its own, in the KV
         cache's rows first_row..first_row + B; kv_len = positions filled after this call (in the row that has the
         most).
 
-        Returns the logits of the last position only [B, V]: generation never needs the others; all_positions: of
-        every position [B, T, V] (scoring a choice's tokens needs each one's, choices.py).
+        Returns the logits of the last position only [B, V]: generation never needs the others; logits_at [B, K]:
+        those of each row's positions at these indices along T [B, K, V] (scoring a choice's tokens needs each
+        one's, choices.py). tree: see forward_tree.
         mask_cache=True attends over the first kv_len cache positions with a mask (cache position <= input_pos)
         instead of relying on kv_len being exact, so kv_len may be any fixed bound: the shapes then no longer
         change from step to step, which a CUDA graph needs (see cuda_graph.py).
@@ -223,10 +253,59 @@ class MobileLlama(nn.Module):
         x = embeds
         for layer in self.layers:
             if run_layer is None:
-                x = layer(x, cos, sin, input_pos, kv_len, mask_cache, first_row=first_row)
+                x = layer(x, cos, sin, input_pos, kv_len, mask_cache, first_row=first_row, tree=tree)
             else:
                 x = run_layer(layer, x, cos, sin, input_pos, kv_len, mask_cache)
-        return self.lm_head(self.norm(x if all_positions else x[:, -1]))
+        x = x[:, -1] if logits_at is None else x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        return self.lm_head(self.norm(x))
+
+    def forward_tree(self, rows: Sequence[TreeRow], first_row: int = 0) -> list[TreeLogits]:
+        """Each TreeRow into its cache row (first_row on) in one forward: main at positions start.., then each
+        branch at the positions after main (RoPE angles as if it alone followed main), its keys and values in the
+        cache slots after main's and the earlier branches', where the mask hides them from every other branch. A
+        prompt and the continuations to score after it (choices.py) thus cost one pass over the weights.
+
+        Rows are right-padded to the longest: padding repeats the row's last token's position and mask and is
+        written to the slots after the row's (to the cache's last slot once those run out: the row must leave it
+        free), which no token of the row sees. Afterwards the slots after main hold branch entries: a row that
+        goes on from main overwrites them as it goes. Returns, per row, main's last logits and each branch's."""
+        dev = self.embed_tokens.weight.device
+        used = [row.main.shape[0] + sum(branch.shape[0] for branch in row.branches) for row in rows]
+        width = max(used)
+        kv_len = min(max(row.start for row in rows) + width, self.max_seq_len)
+        embeds = torch.zeros(len(rows), width, self.config.hidden_size, dtype=self.embed_tokens.weight.dtype,
+                             device=dev)
+        positions = torch.zeros(len(rows), width, dtype=torch.long, device=dev)
+        slots = torch.zeros_like(positions)
+        mask = torch.zeros(len(rows), 1, width, kv_len, dtype=torch.bool, device=dev)
+        picked: list[list[int]] = []  # per row: the indices along T whose logits come back
+        for b, (row, n) in enumerate(zip(rows, used)):
+            assert 0 < n and row.start + n + (n < width) <= self.max_seq_len, "the row (and its padding) must fit"
+            pieces = [row.main, *row.branches]
+            embeds[b, :n] = torch.cat(pieces)
+            segment = torch.cat([torch.full((len(p),), i, device=dev) for i, p in enumerate(pieces)])
+            piece_start = torch.tensor([0] + [len(p) for p in pieces], device=dev).cumsum(0)
+            local = torch.arange(n, device=dev)
+            in_piece = local - piece_start[segment]
+            t = len(row.main)
+            positions[b, :n] = row.start + torch.where(segment == 0, local, t + in_piece)
+            slots[b, :n] = row.start + local
+            slots[b, n:] = (row.start + torch.arange(n, width, device=dev)).clamp(max=self.max_seq_len - 1)
+            sees = (local[None] <= local[:, None]) & ((segment[None] == 0) | (segment[None] == segment[:, None]))
+            mask[b, 0, :n, :row.start] = True
+            mask[b, 0, :n, row.start:row.start + n] = sees
+            positions[b, n:], mask[b, 0, n:] = positions[b, n - 1], mask[b, 0, n - 1]
+            picked.append(([t - 1] if t else []) + list(range(t, n)))
+        logits_at = torch.tensor([p + [0] * (max(map(len, picked)) - len(p)) for p in picked], device=dev)
+        logits = self(embeds, positions, kv_len, first_row=first_row, logits_at=logits_at,
+                      tree=TokenTree(slots, mask))
+        out: list[TreeLogits] = []
+        for b, row in enumerate(rows):
+            last = logits[b, 0] if len(row.main) else None
+            at = int(last is not None)
+            lengths = [len(branch) for branch in row.branches]
+            out.append((last, list(logits[b, at:at + sum(lengths)].split(lengths)) if lengths else []))
+        return out
 
     def forward_all(self, embeds: Tensor) -> Tensor:
         """Causal forward over whole sequences from position 0 without the cache (training): logits [B, T, V]."""

@@ -22,9 +22,10 @@ from ..options import COMPILE_MODES, DTYPES, QUANTIZE_MODES
 from .cpu_linear import available as onednn_available, use_onednn_in_mobilevlm
 from .cuda_graph import CUDAGraphDecoder
 from .errors import PromptTooLongError
-from .choices import Choice, ScoredPrompt, check_choices, choice_of, continuation_ids, score
+from .choices import Choice, branches, check_choices, choice_of, continuation_ids, score
 from .generate import DecodeStep, Generation, Prompt, SamplingParams, generate_batch
 from .image import preprocess
+from .llama import TreeLogits, TreeRow
 from .loader import TORCH_DTYPES, load_model
 from .mobilevlm import IMAGE_TOKEN_INDEX, MobileVLM
 from .prefix_cache import FramePrefix, PrefixCache
@@ -159,6 +160,15 @@ class _Rows:
 
 
 @dataclass(frozen=True)
+class _Whole(Prompt):
+    """A prompt prefilled whole from position 0: embeds [1, T, H]; keep(row) runs once its row holds it (keeps
+    its frame's prefix for later prompts, when the frame has a key)."""
+
+    embeds: Tensor
+    keep: Callable[[int], None]
+
+
+@dataclass(frozen=True)
 class _FromPrefix(Prompt):
     """A prompt that starts from its frame's prefix: load(row) puts the prefix into the row (and returns it), tail
     [1, T, H] is what follows it."""
@@ -271,8 +281,7 @@ class MobileVLMPipeline:
             if frame in image_tokens and frame not in computing:
                 computing.add(frame)
                 embeds = self.model.embed_prompt(ids, image_tokens[frame][None])
-                prompts.append(Prompt.of_embeds(self.model, embeds) if isinstance(frame, _OwnFrame)
-                               else self._prompt_leaving_prefix(embeds, frame, ids, prefixes))
+                prompts.append(self._whole_prompt(embeds, frame, ids, prefixes))
                 from_prefix.append(False)
             else:
                 prompts.append(self._prompt_from_prefix(ids, frame, prefixes))
@@ -281,25 +290,30 @@ class MobileVLMPipeline:
         return _Rows(go, prompts, from_prefix, [frames[b] in image_tokens for b in range(len(images))],
                      (preprocessed - start) * 1e3, (encoded - preprocessed) * 1e3, (embedded - encoded) * 1e3)
 
-    def _prompt_leaving_prefix(self, embeds: Tensor, frame: Hashable, ids: list[int],
-                               prefixes: dict[Hashable, FramePrefix | None]) -> Prompt:
-        """The whole prompt prefilled, then its prefix kept for the frame's later prompts."""
+    def _whole_prompt(self, embeds: Tensor, frame: Hashable, ids: list[int],
+                      prefixes: dict[Hashable, FramePrefix | None]) -> _Whole:
+        """The whole prompt prefilled; a keyed frame's prefix is then kept for the frame's later prompts."""
         before_image = ids[:ids.index(IMAGE_TOKEN_INDEX)]
         length = len(before_image) + self.config.image_tokens
+        keyed = not isinstance(frame, _OwnFrame)
+
+        def keep(row: int) -> None:
+            if keyed:
+                prefix = FramePrefix(tuple(before_image), self.model.llm.read_cache(row, length))
+                prefixes[frame] = prefix
+                self.prefix_cache.put(frame, prefix)
+                self.prefix_cache.count(hit=False)
 
         def fill(row: int) -> Tensor:
-            if self.prefill_prefix_apart:
+            if self.prefill_prefix_apart and keyed:
                 self.model.prefill(embeds[:, :length], row)
                 logits = self.model.prefill(embeds[:, length:], row, start=length)
             else:
                 logits = self.model.prefill(embeds, row)
-            prefix = FramePrefix(tuple(before_image), self.model.llm.read_cache(row, length))
-            prefixes[frame] = prefix
-            self.prefix_cache.put(frame, prefix)
-            self.prefix_cache.count(hit=False)
+            keep(row)
             return logits
 
-        return Prompt(embeds.shape[1], fill)
+        return _Whole(embeds.shape[1], fill, embeds, keep)
 
     def _prompt_from_prefix(self, ids: list[int], frame: Hashable, prefixes: dict[Hashable, FramePrefix | None]
                             ) -> Prompt:
@@ -318,30 +332,52 @@ class MobileVLMPipeline:
 
         return _FromPrefix(len(ids) - 1 + self.config.image_tokens, fill, load, tail)
 
-    def _fill_for_scoring(self, prompts: Sequence[Prompt]) -> list[tuple[int, Tensor]]:
-        """Each prompt's cache row and last logits [1, V]. The prompts that start from a prefix (the questions
-        after a frame's first, monitors) are prefilled together in one forward, right-padded, in the rows after
-        the others (which fill theirs first, computing the prefixes); with a decoder that quantises each call's
-        activations (int8-dynamic) padding would change them, so there every prompt is filled alone."""
-        together = [i for i, p in enumerate(prompts) if isinstance(p, _FromPrefix) and not self.prefill_prefix_apart]
-        alone = [i for i in range(len(prompts)) if i not in together]
-        out: dict[int, tuple[int, Tensor]] = {i: (row, prompts[i].fill(row)) for row, i in enumerate(alone)}
-        if together:
-            first = len(alone)
-            tails = [prompts[i] for i in together]
-            width = max(p.tail.shape[1] for p in tails)
-            embeds = torch.zeros(len(tails), width, tails[0].tail.shape[2], dtype=tails[0].tail.dtype,
-                                 device=self.device)
-            starts = set()
-            for row, p in enumerate(tails, first):
-                embeds[row - first, :p.tail.shape[1]] = p.tail[0]
-                starts.add(p.load(row).length)
-            start, = starts  # every prefix is the same text and 144 image tokens long
-            logits = self.model.llm(embeds, torch.arange(start, start + width, device=self.device), start + width,
-                                    first_row=first, all_positions=True)
-            for row, (i, p) in enumerate(zip(together, tails)):
-                out[i] = (first + row, logits[row, p.tail.shape[1] - 1][None])
-        return [out[i] for i in range(len(prompts))]
+    def _score(self, prompts: Sequence[Prompt], choice_ids: Sequence[list[list[int]]]
+               ) -> tuple[list[list[float]], float]:
+        """Each prompt's choices' log-likelihoods (choices.py), the prompts in the cache's rows from 0, and the
+        seconds spent in forwards that only score (none but with int8-dynamic).
+
+        A whole prompt is prefilled alone with its choices' branches after it (forward_tree); the prompts that
+        start from a prefix (the questions after a frame's first, monitors) all together in one forward, each its
+        tail and its branches, after the whole ones (which compute the prefixes). A decoder that quantises each
+        call's activations (int8-dynamic) would compute a prompt differently with branches in its call: there
+        every prompt is filled as generation fills it and its branches run in a forward of their own."""
+        llm = self.model.llm
+        fed = [[llm.embed_tokens(torch.tensor(ids, device=self.device)) for ids in branches(row)]
+               for row in choice_ids]
+        out: dict[int, TreeLogits] = {}
+        scoring_s = 0.0
+        if self.prefill_prefix_apart:
+            no_main = llm.embed_tokens.weight[:0]  # the prompt is filled: its row's tree is its branches alone
+            for row, prompt in enumerate(prompts):
+                last = prompt.fill(row)[0]
+                fed_logits: list[Tensor] = []
+                if fed[row]:
+                    started = time.perf_counter()
+                    (_, fed_logits), = llm.forward_tree([TreeRow(prompt.length, no_main, fed[row])], row)
+                    scoring_s += time.perf_counter() - started
+                out[row] = (last, fed_logits)
+        else:
+            whole = [i for i, p in enumerate(prompts) if isinstance(p, _Whole)]
+            together = [i for i in range(len(prompts)) if i not in whole]
+            for row, i in enumerate(whole):
+                prompt = prompts[i]
+                assert isinstance(prompt, _Whole)
+                out[i], = llm.forward_tree([TreeRow(0, prompt.embeds[0], fed[i])], row)
+                prompt.keep(row)
+            tree_rows = []
+            for row, i in enumerate(together, len(whole)):
+                prompt = prompts[i]
+                assert isinstance(prompt, _FromPrefix)
+                tree_rows.append(TreeRow(prompt.load(row).length, prompt.tail[0], fed[i]))
+            if tree_rows:
+                out.update(zip(together, llm.forward_tree(tree_rows, len(whole))))
+        scores = []
+        for i in range(len(prompts)):
+            last, fed_logits = out[i]
+            assert last is not None
+            scores.append(score(last, fed_logits, choice_ids[i]))
+        return scores, scoring_s
 
     @torch.inference_mode()
     def ask(self, image: Image.Image | np.ndarray, turns: str | Sequence[str],
@@ -422,7 +458,9 @@ class MobileVLMPipeline:
                      ) -> list[Choice]:
         """choose() for several images (or several questions about one frame key: one vision pass and one
         prefix), with no sampling and no decode loop: each prompt prefilled (its frame's prefix from the cache
-        when there), then every choice scored (choices.score). ValueError for choices that check_choices
+        when there) with its choices' later tokens as branches after it, then every choice scored (choices.py;
+        _score). timings: prefill_ms covers the forwards (and tokenising), score_ms the forwards that only score.
+        ValueError for choices that check_choices
         refuses; every row is checked before any work."""
         n = len(images)
         row_keys = list(frame_keys) if frame_keys is not None else [None] * n
@@ -437,24 +475,20 @@ class MobileVLMPipeline:
             prompt = build_prompt([t] if isinstance(t, str) else list(t))
             choice_ids.append([continuation_ids(ids, tokenize_with_image(prompt + " " + c.strip(), self.tokenizer),
                                                 c) for c in row_choices])
-        longest = max(len(ids) for row in choice_ids for ids in row)  # padded to in choices.score
-        for ids in input_ids:
-            self.check_fits(ids, longest)
+        for ids, row in zip(input_ids, choice_ids):  # the branches after the prompt, and a free slot (forward_tree)
+            self.check_fits(ids, sum(len(b) for b in branches(row)) + 1)
         rows = self._rows(images, input_ids, row_keys, [None] * n)
         # As many rows at a time as the KV cache holds already (max_batch, or the largest batch asked since), not
         # more: eight monitors take two passes of four rows rather than twice the cache memory.
         per_pass = self.model.llm.max_batch
         log_likelihoods: list[list[float]] = []
-        prefill_s = score_s = 0.0
+        score_s = 0.0
         for first in range(0, n, per_pass):
-            filled = time.perf_counter()
-            chunk = rows.prompts[first:first + per_pass]
-            scored = [ScoredPrompt(row, prompt.length, logits, choice_ids[first + i])
-                      for i, (prompt, (row, logits)) in enumerate(zip(chunk, self._fill_for_scoring(chunk)))]
-            prefilled = time.perf_counter()
-            log_likelihoods += score(self.model.llm, scored)
-            prefill_s, score_s = prefill_s + prefilled - filled, score_s + time.perf_counter() - prefilled
+            scores, scoring_s = self._score(rows.prompts[first:first + per_pass], choice_ids[first:first + per_pass])
+            log_likelihoods += scores
+            score_s += scoring_s
         done = time.perf_counter()
+        prefill_s = done - start - score_s - (rows.preprocess_ms + rows.vision_ms + rows.embed_ms) / 1e3
         return [choice_of(choices[b], log_likelihoods[b], input_ids[b], rows.from_prefix[b], {
             **rows.vision_timings(b),
             "prefill_ms": prefill_s * 1e3,
