@@ -310,10 +310,14 @@ class SceneServer:
         return None
 
     def choices_fit(self, question: str, choices) -> str | None:
-        """Why a question with these choices cannot be scored in this model's context, or None: the prompt plus
-        the longest choice's tokens must fit."""
-        longest = max(len(self.pipeline.tokenizer.encode(" " + choice, bos=False)) for choice in choices)
-        return self.prompt_fits(question, longest)
+        """Why a question with these choices cannot be scored in this model's context, or None (the pipeline's
+        check_choices_fit)."""
+        try:
+            self.pipeline.check_choices_fit(self.pipeline.prompt_ids(question),
+                                            self.pipeline.choice_ids(question, list(choices)))
+        except PromptTooLongError as e:
+            return str(e)
+        return None
 
     def _check(self, request: SceneRequest, camera_id: str, params: SamplingParams) -> SceneResult | None:
         question = request.question.strip()

@@ -13,6 +13,7 @@ from conftest import CHECKPOINT_NAMES, CHECKPOINTS, REFERENCE, golden_cases
 from mobilevlm_ros.demo import DEFAULT_MODEL_DIR
 from mobilevlm_ros.demo.scenes import BOX_COLORS, CAR_COLORS, LIGHT_STATES, answer_matches, make_scene
 from mobilevlm_ros.model import MAX_CHOICES, MobileVLMPipeline, SamplingParams
+from mobilevlm_ros.model.errors import PromptTooLongError
 from mobilevlm_ros.model.llama import TreeRow
 from mobilevlm_ros.model.prompt import build_prompt, tokenize_with_image
 
@@ -133,6 +134,24 @@ def test_bad_choices_are_refused_with_the_reason(pipelines, choices, reason):
     vlm = pipelines[CHECKPOINT_NAMES[-1]]
     with pytest.raises(ValueError, match=reason):
         vlm.choose(Image.open(REFERENCE / "images" / "demo.jpg"), "Is it red?", choices)
+
+
+def test_choices_fit_exactly_or_are_refused_as_too_long():
+    """A prompt whose choices' branches (every several-token choice's tokens but its last) and forward_tree's one
+    free slot fill the KV cache exactly is scored (equal to a roomy cache's scores); one position less and
+    choose() raises PromptTooLongError, as the node's PROMPT_TOO_LONG check (server.choices_fit) says."""
+    checkpoint = CHECKPOINT_NAMES[-1]
+    image, question = Image.open(REFERENCE / "images" / "demo.jpg"), "Is the light red?"
+    roomy = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False)
+    ids, choice_ids = roomy.prompt_ids(question), roomy.choice_ids(question, CHOICES)
+    needed = len(ids) - 1 + roomy.config.image_tokens + sum(len(c) - 1 for c in choice_ids if len(c) > 1) + 1
+    exact = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, max_seq_len=needed)
+    assert exact.max_seq_len == needed
+    torch.testing.assert_close(torch.tensor(exact.choose(image, question, CHOICES).log_likelihoods),
+                               torch.tensor(roomy.choose(image, question, CHOICES).log_likelihoods), atol=ATOL, rtol=0)
+    short = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, max_seq_len=needed - 1)
+    with pytest.raises(PromptTooLongError):
+        short.choose(image, question, CHOICES)
 
 
 def test_a_one_token_choice_is_the_token_the_model_would_generate(pipelines):

@@ -229,6 +229,18 @@ class MobileVLMPipeline:
     def prompt_ids(self, turns: str | Sequence[str]) -> list[int]:
         return tokenize_with_image(build_prompt([turns] if isinstance(turns, str) else list(turns)), self.tokenizer)
 
+    def choice_ids(self, turns: str | Sequence[str], choices: Sequence[str]) -> list[list[int]]:
+        """The tokens each choice adds after the prompt of turns (choices.continuation_ids)."""
+        ids = self.prompt_ids(turns)
+        prompt = build_prompt([turns] if isinstance(turns, str) else list(turns))
+        return [continuation_ids(ids, tokenize_with_image(prompt + " " + c.strip(), self.tokenizer), c)
+                for c in choices]
+
+    def check_choices_fit(self, input_ids: list[int], choice_ids: list[list[int]]) -> None:
+        """Raise PromptTooLongError unless the prompt, its choices' branches after it (choices.branches) and the
+        free slot that MobileLlama.forward_tree may pad into fit in the KV cache."""
+        self.check_fits(input_ids, sum(len(b) for b in branches(choice_ids)) + 1)
+
     def prefix_nbytes(self) -> int:
         """The bytes one frame's prefix takes in the prefix cache: keys and values of every layer at each
         position up to and including the image tokens."""
@@ -470,13 +482,9 @@ class MobileVLMPipeline:
             check_choices(row_choices)
         start = time.perf_counter()
         input_ids = [self.prompt_ids(t) for t in turns]
-        choice_ids = []
-        for t, ids, row_choices in zip(turns, input_ids, choices):
-            prompt = build_prompt([t] if isinstance(t, str) else list(t))
-            choice_ids.append([continuation_ids(ids, tokenize_with_image(prompt + " " + c.strip(), self.tokenizer),
-                                                c) for c in row_choices])
-        for ids, row in zip(input_ids, choice_ids):  # the branches after the prompt, and a free slot (forward_tree)
-            self.check_fits(ids, sum(len(b) for b in branches(row)) + 1)
+        choice_ids = [self.choice_ids(t, row_choices) for t, row_choices in zip(turns, choices)]
+        for ids, row in zip(input_ids, choice_ids):
+            self.check_choices_fit(ids, row)
         rows = self._rows(images, input_ids, row_keys, [None] * n)
         # As many rows at a time as the KV cache holds already (max_batch, or the largest batch asked since), not
         # more: eight monitors take two passes of four rows rather than twice the cache memory.
