@@ -184,3 +184,14 @@ def test_max_batch_rows_are_allocated_at_start_and_choices_score_in_the_prompt_f
     want = narrow.choose(_image(case), case["turns"], choices)
     torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods), atol=ATOL,
                                rtol=0)
+
+
+def test_gpu_checks_of_batches_and_the_prefix_cache_pass_on_the_cpu():
+    """The GPU check's batch / prefix-cache / choices part (bench/gpu_check.py, run with CUDA graphs on a GPU) is
+    the same code on the CPU (the node's kernels): it must run here and pass its own criteria, so that a GPU session
+    only has to run it."""
+    from mobilevlm_ros.bench.gpu_check import batches_and_prefix_cache_ok, check_batches_and_prefix_cache
+
+    results = check_batches_and_prefix_cache(device="cpu", dtype="float32")
+    assert len(results) == 2 and batches_and_prefix_cache_ok(results), results
+    assert all(r["decode_step"] for r in results)

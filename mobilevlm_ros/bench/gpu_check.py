@@ -4,7 +4,8 @@ minutes on one GPU. Writes one JSON report to stdout (and to --out).
 1. Correctness: on both reference checkpoints, float16 greedy decoding with CUDA graphs gives the same ids as the
    eager float16 path, bit-identical logits to the same static-shape step run eagerly, and how many golden
    (float32) ids it reproduces; MobileVLMPipeline.ask (the node's path, CUDA graphs on by default) answers as with
-   them off; the bundled demo model's held-out accuracy on CUDA (float16, graphs) against the CPU (float32); the ONNX
+   them off; batches (graphs per batch size) answer as each row alone, a follow-up on a cached frame
+   and choices (branches in the prompt's forward) as uncached (float32); the bundled demo model's held-out accuracy on CUDA (float16, graphs) against the CPU (float32); the ONNX
    Runtime (CUDA provider) and TensorRT visual encoders where installed.
 2. Speed, real-shaped MobileVLM-1.7B decoder with random weights in float16: batch-1 decode tokens/s eager vs
    CUDA graphs vs torch.compile + CUDA graphs, against the memory-bandwidth floor (weight bytes read per token /
@@ -118,6 +119,54 @@ def check_pipeline_cuda_graphs() -> list[dict]:
         out.append({"checkpoint": name, "graph_ids": answers[True], "eager_ids": answers[False],
                     "graphs_enabled": enabled[True] and not enabled[False]})
     return out
+
+
+@torch.inference_mode()
+def check_batches_and_prefix_cache(device: str = "cuda", dtype: str = "float32") -> list[dict]:
+    """Issues 19 and 20 on the node's path (on CUDA: decode steps replayed from CUDA graphs, one per batch size and
+    bucket), in float32 so that greedy ids compare exactly: three questions in one ask_batch give each question's
+    ids alone; a follow-up on a cached frame (prefix loaded, only its tail prefilled) the uncached path's ids; a
+    question with choices (several-token ones scored as branches inside the prompt's forward) the log-likelihoods
+    of the eager CPU pipeline (which the test suite holds to a brute-force forward) within 1e-3, cached and
+    uncached. Runs on the CPU too (the test suite runs it there)."""
+    from PIL import Image
+
+    from ..model import MobileVLMPipeline, SamplingParams
+
+    root = Path(__file__).resolve().parents[2] / "test" / "data" / "reference"
+    images = [Image.open(path).convert("RGB") for path in sorted((root / "images").glob("*"))[:3]]
+    questions = ["What is in the image?", "What colour is the car?", "Is there a person on the road?"]
+    choices = ["yes", "no", "a red car", "a red car on the left"]
+    params = SamplingParams(max_new_tokens=16)
+    out = []
+    for name in ("MobileVLM-tiny-v1", "MobileVLM_V2-tiny"):
+        vlm = MobileVLMPipeline.load(root / "checkpoints" / name, device=device, dtype=dtype, max_seq_len=512,
+                                     prefix_cache_frames=4, max_batch=4)
+        alone = [vlm.ask(image, q, params).generated_ids for image, q in zip(images, questions)]
+        batch = [a.generated_ids for a in vlm.ask_batch(images, questions, params)]
+        follow_up_uncached = vlm.ask(images[0], questions[1], params).generated_ids
+        vlm.ask(images[0], questions[0], params, frame_key="frame")
+        follow_up = vlm.ask(images[0], questions[1], params, frame_key="frame")
+        uncached = vlm.choose(images[0], questions[2], choices)
+        cached = vlm.choose(images[0], questions[2], choices, frame_key="frame")
+        reference = MobileVLMPipeline.load(root / "checkpoints" / name, onednn=False).choose(images[0], questions[2],
+                                                                                            choices)
+        out.append({"checkpoint": name, "decode_step": type(vlm.decode_step).__name__,
+                    "batch_ids": batch, "alone_ids": alone, "batch_as_alone": batch == alone,
+                    "follow_up_cached": follow_up.prefix_cached,
+                    "follow_up_as_uncached": follow_up.generated_ids == follow_up_uncached,
+                    "choice_cached": cached.prefix_cached,
+                    "choice_answers": [reference.answer, uncached.answer, cached.answer],
+                    "choice_max_log_likelihood_diff": max(abs(a - b) for got in (uncached, cached)
+                                                          for a, b in zip(got.log_likelihoods,
+                                                                          reference.log_likelihoods))})
+    return out
+
+
+def batches_and_prefix_cache_ok(results: list[dict]) -> bool:
+    return all(r["batch_as_alone"] and r["follow_up_cached"] and r["follow_up_as_uncached"]
+               and r["choice_cached"] and len(set(r["choice_answers"])) == 1
+               and r["choice_max_log_likelihood_diff"] <= 1e-3 for r in results)
 
 
 @torch.inference_mode()
@@ -283,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     report["pipeline_cuda_graphs"] = pipeline
     ok = ok and all(r["graph_ids"] == r["eager_ids"] and r["graphs_enabled"] for r in pipeline)
     report["cuda_graph_identical_to_eager"] = ok
+    batches = check_batches_and_prefix_cache()
+    report["batches_and_prefix_cache"] = batches
+    report["batches_and_prefix_cache_ok"] = batches_and_prefix_cache_ok(batches)
+    ok = ok and report["batches_and_prefix_cache_ok"]
     report["visual_backends"] = check_visual_backends()
     report["demo_model"] = check_demo_model()
     print(json.dumps({k: v for k, v in report.items() if k != "cuda_graph_greedy"}, indent=1), flush=True)
