@@ -4,9 +4,10 @@ minutes on one GPU. Writes one JSON report to stdout (and to --out).
 1. Correctness: on both reference checkpoints, float16 greedy decoding with CUDA graphs gives the same ids as the
    eager float16 path, bit-identical logits to the same static-shape step run eagerly, and how many golden
    (float32) ids it reproduces; MobileVLMPipeline.ask (the node's path, CUDA graphs on by default) answers as with
-   them off; batches (graphs per batch size) answer as each row alone, a follow-up on a cached frame
-   and choices (branches in the prompt's forward) as uncached (float32); the bundled demo model's held-out accuracy on CUDA (float16, graphs) against the CPU (float32); the ONNX
-   Runtime (CUDA provider) and TensorRT visual encoders where installed.
+   them off; batches (graphs per batch size) answer as each row alone, a follow-up on a cached frame and choices
+   (branches in the prompt's forward) as uncached (float32); the bundled demo model's held-out accuracy on CUDA
+   (float16, graphs) against the CPU (float32); the ONNX Runtime (CUDA provider) and TensorRT visual encoders where
+   installed.
 2. Speed, real-shaped MobileVLM-1.7B decoder with random weights in float16: batch-1 decode tokens/s eager vs
    CUDA graphs vs torch.compile + CUDA graphs, against the memory-bandwidth floor (weight bytes read per token /
    the card's bandwidth, both the nominal figure for known cards and a measured device-to-device copy rate).

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-
 MAX_CHOICES = 16  # more is a classification task, not a question to a robot's planner
 
 

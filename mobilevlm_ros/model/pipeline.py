@@ -141,7 +141,7 @@ class Answer:
 
 @dataclass
 class _Rows:
-    """A batch's rows made ready for generate_batch (or choices.score): those not cancelled before their prefill,
+    """A batch's rows made ready for generate_batch (or _score): those not cancelled before their prefill,
     each one's Prompt and whether it starts from an already computed prefix, and the shared timings."""
 
     go: list[int]
@@ -471,9 +471,9 @@ class MobileVLMPipeline:
         """choose() for several images (or several questions about one frame key: one vision pass and one
         prefix), with no sampling and no decode loop: each prompt prefilled (its frame's prefix from the cache
         when there) with its choices' later tokens as branches after it, then every choice scored (choices.py;
-        _score). timings: prefill_ms covers the forwards (and tokenising), score_ms the forwards that only score.
-        ValueError for choices that check_choices
-        refuses; every row is checked before any work."""
+        _score). timings: prefill_ms is the forwards' time, score_ms the part in forwards that only score (0 but
+        with int8-dynamic). ValueError for choices that check_choices refuses; every row is checked before any
+        work."""
         n = len(images)
         row_keys = list(frame_keys) if frame_keys is not None else [None] * n
         if not n == len(turns) == len(choices) == len(row_keys):
@@ -490,13 +490,15 @@ class MobileVLMPipeline:
         # more: eight monitors take two passes of four rows rather than twice the cache memory.
         per_pass = self.model.llm.max_batch
         log_likelihoods: list[list[float]] = []
-        score_s = 0.0
+        forwards_s = score_s = 0.0
         for first in range(0, n, per_pass):
+            started = time.perf_counter()
             scores, scoring_s = self._score(rows.prompts[first:first + per_pass], choice_ids[first:first + per_pass])
+            forwards_s += time.perf_counter() - started
             log_likelihoods += scores
             score_s += scoring_s
         done = time.perf_counter()
-        prefill_s = done - start - score_s - (rows.preprocess_ms + rows.vision_ms + rows.embed_ms) / 1e3
+        prefill_s = forwards_s - score_s
         return [choice_of(choices[b], log_likelihoods[b], input_ids[b], rows.from_prefix[b], {
             **rows.vision_timings(b),
             "prefill_ms": prefill_s * 1e3,
