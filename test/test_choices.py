@@ -20,6 +20,11 @@ from mobilevlm_ros.model.prompt import build_prompt, tokenize_with_image
 ATOL = 1e-4
 # one-token and several-token choices, one of them the start of another
 CHOICES = ["Yes", "No", "a red car", "a red car on the left", "green light"]
+# questions a robot's monitors would ask about one frame, with one-token and several-token choices
+QUESTIONS = ["Is there a person on the road?", "Is the light red?", "What colour is the car?", "Is the dock free?",
+             "Is it raining?", "Which side is the cone on, left or right?"]
+QUESTION_CHOICES = [["yes", "no"], ["yes", "no"], ["red", "blue", "a green one"], ["yes", "no"], ["yes", "no"],
+                    ["left", "right side"]]
 
 
 def _brute_force(vlm: MobileVLMPipeline, image, turns, choice: str) -> float:
@@ -196,25 +201,44 @@ def test_demo_model_choices_are_at_least_as_accurate_as_free_text():
 
 
 def test_questions_about_one_frame_are_scored_together_as_alone():
-    """Six questions with choices about one new frame (as a monitor tick asks them) in one choose_batch, with a
-    4-row KV cache: the first question computes the frame's prefix, the others' tails are prefilled together, four
-    rows at a time at most, each with its several-token choices' branches in the same forward (one forward for
-    row 1, one for rows 2-4, one for rows 5-6), and every question's scores equal choose() asked alone without a
-    cache."""
+    """Six questions with choices about one new frame (as a monitor tick asks them) in one choose_batch: the first
+    question computes the frame's prefix, the other five share one cache row on top of it (each tail a branch of
+    the prefix, a tail once per several-token choice, followed by the choice's tokens): two forwards in all, five
+    prefix-cache hits, and every question's scores equal choose() asked alone without a cache."""
     checkpoint = CHECKPOINT_NAMES[-1]
     vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, prefix_cache_frames=2, max_batch=4)
     image = Image.open(REFERENCE / "images" / "demo.jpg")
-    questions = ["Is there a person on the road?", "Is the light red?", "What colour is the car?",
-                 "Is the dock free?", "Is it raining?", "Which side is the cone on, left or right?"]
-    choices = [["yes", "no"], ["yes", "no"], ["red", "blue", "a green one"], ["yes", "no"], ["yes", "no"],
-               ["left", "right side"]]
-    alone = [vlm.choose(image, q, c) for q, c in zip(questions, choices)]
+    alone = [vlm.choose(image, q, c) for q, c in zip(QUESTIONS, QUESTION_CHOICES)]
     forwards = []
     vlm.model.llm.register_forward_hook(lambda *_: forwards.append(1))
-    batch = vlm.choose_batch([image] * 6, questions, choices, frame_keys=["frame"] * 6)
-    # pass 1: row 1 whole, rows 2-4 together; pass 2: rows 5-6 together; the branches inside those forwards
-    assert len(forwards) == 3
+    batch = vlm.choose_batch([image] * 6, QUESTIONS, QUESTION_CHOICES, frame_keys=["frame"] * 6)
+    assert len(forwards) == 2
+    assert vlm.prefix_cache.stats().hits == 5
     assert [c.prefix_cached for c in batch] == [False] + [True] * 5
+    for got, want in zip(batch, alone):
+        torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods),
+                                   atol=ATOL, rtol=0)
+
+
+def test_questions_on_two_frames_spill_into_more_rows_when_the_cache_is_short():
+    """Questions about two frames, interleaved, in a KV cache only about two tails longer than a frame's prefix,
+    one row at a time: each frame's questions fill rows as far as they fit and go on in new ones (more forwards
+    than rows of two frames would need), and every question's scores still equal choose() alone."""
+    checkpoint = CHECKPOINT_NAMES[-1]
+    probe = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False)
+    prefix = len(probe.prompt_ids("")) - 1 + probe.config.image_tokens
+    longest = max(len(probe.prompt_ids(q)) - 1 + probe.config.image_tokens - prefix + sum(map(len, c))
+                  for q, c in zip(QUESTIONS, [probe.choice_ids(q, c) for q, c in zip(QUESTIONS, QUESTION_CHOICES)]))
+    vlm = MobileVLMPipeline.load(CHECKPOINTS / checkpoint, onednn=False, prefix_cache_frames=2,
+                                 max_seq_len=prefix + 2 * longest + 1)
+    images = [Image.open(REFERENCE / "images" / "demo.jpg"), make_scene(3, 0).image]
+    order = [(q % 2, q) for q in range(len(QUESTIONS))] + [(1, 0), (0, 1)]  # (frame, question)
+    alone = [vlm.choose(images[f], QUESTIONS[q], QUESTION_CHOICES[q]) for f, q in order]
+    forwards = []
+    vlm.model.llm.register_forward_hook(lambda *_: forwards.append(1))
+    batch = vlm.choose_batch([images[f] for f, _ in order], [QUESTIONS[q] for _, q in order],
+                             [QUESTION_CHOICES[q] for _, q in order], frame_keys=[f for f, _ in order])
+    assert len(forwards) > 4  # two whole prompts, then at least three rows (eight questions, a few per row)
     for got, want in zip(batch, alone):
         torch.testing.assert_close(torch.tensor(got.log_likelihoods), torch.tensor(want.log_likelihoods),
                                    atol=ATOL, rtol=0)

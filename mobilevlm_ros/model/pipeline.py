@@ -170,11 +170,27 @@ class _Whole(Prompt):
 
 @dataclass(frozen=True)
 class _FromPrefix(Prompt):
-    """A prompt that starts from its frame's prefix: load(row) puts the prefix into the row (and returns it), tail
-    [1, T, H] is what follows it."""
+    """A prompt that starts from its frame's prefix: prefix() is that prefix (computed by then; each call counts a
+    cache hit), tail [1, T, H] what follows it."""
 
-    load: Callable[[int], FramePrefix]
+    frame: Hashable
+    prefix: Callable[[], FramePrefix]
     tail: Tensor
+
+
+def _split_shared_logits(prompts: list[_FromPrefix], fed: list[list[Tensor]], logits: TreeLogits
+                         ) -> list[TreeLogits]:
+    """Each prompt's TreeLogits (its tail's last logits, its choice branches' logits) out of the logits of the row
+    it shares (MobileVLMPipeline._shared_tree_row's layout)."""
+    if len(prompts) == 1:
+        return [logits]
+    branch_logits = iter(logits[1])
+    out: list[TreeLogits] = []
+    for prompt, prompt_fed in zip(prompts, fed):
+        tail = prompt.tail.shape[1]
+        mine = [next(branch_logits) for _ in range(max(len(prompt_fed), 1))]
+        out.append((mine[0][tail - 1], [m[tail:] for m in mine] if prompt_fed else []))
+    return out
 
 
 class _OwnFrame:
@@ -332,28 +348,34 @@ class MobileVLMPipeline:
         """The frame's prefix loaded into the row, then the text after the image prefilled on top of it."""
         tail = self.model.embed_prompt(ids[ids.index(IMAGE_TOKEN_INDEX) + 1:], None)
 
-        def load(row: int) -> FramePrefix:
+        def frame_prefix() -> FramePrefix:
             prefix = prefixes[frame]
             assert prefix is not None, "rows are filled in order: the frame's first row computed its prefix"
             self.prefix_cache.count(hit=True)
-            self.model.llm.write_cache(row, prefix.kv)
             return prefix
 
         def fill(row: int) -> Tensor:
-            return self.model.prefill(tail, row, start=load(row).length)
+            prefix = frame_prefix()
+            self.model.llm.write_cache(row, prefix.kv)
+            return self.model.prefill(tail, row, start=prefix.length)
 
-        return _FromPrefix(len(ids) - 1 + self.config.image_tokens, fill, load, tail)
+        return _FromPrefix(len(ids) - 1 + self.config.image_tokens, fill, frame, frame_prefix, tail)
 
     def _score(self, prompts: Sequence[Prompt], choice_ids: Sequence[list[list[int]]]
                ) -> tuple[list[list[float]], float]:
-        """Each prompt's choices' log-likelihoods (choices.py), the prompts in the cache's rows from 0, and the
-        seconds spent in forwards that only score (none but with int8-dynamic).
+        """Each prompt's choices' log-likelihoods (choices.py) and the seconds spent in forwards that only score
+        (none but with int8-dynamic).
 
-        A whole prompt is prefilled alone with its choices' branches after it (forward_tree); the prompts that
-        start from a prefix (the questions after a frame's first, monitors) all together in one forward, each its
-        tail and its branches, after the whole ones (which compute the prefixes). A decoder that quantises each
-        call's activations (int8-dynamic) would compute a prompt differently with branches in its call: there
-        every prompt is filled as generation fills it and its branches run in a forward of their own."""
+        A whole prompt is prefilled alone in its cache row with its choices' branches after it (forward_tree).
+        The prompts that start from a prefix (the questions after a frame's first, monitors) share a row per
+        frame (_shared_rows): the prefix is loaded once and each prompt's tail, with its choices' branches after
+        the tail, is a branch of it (eight monitors on one new frame: the first one's prefill, then one forward
+        for the other seven); those rows go in one forward, after the whole prompts' (which compute the
+        prefixes), as many rows at a time as the KV cache holds already (max_batch, or the largest batch asked
+        since), never more: the cache is not grown to score. A decoder that
+        quantises each call's activations (int8-dynamic) would compute a prompt differently with other tokens in
+        its call: there each prompt is filled as generation fills it and its branches run in a forward of their
+        own."""
         llm = self.model.llm
         fed = [[llm.embed_tokens(torch.tensor(ids, device=self.device)) for ids in branches(row)]
                for row in choice_ids]
@@ -361,35 +383,73 @@ class MobileVLMPipeline:
         scoring_s = 0.0
         if self.prefill_prefix_apart:
             no_main = llm.embed_tokens.weight[:0]  # the prompt is filled: its row's tree is its branches alone
-            for row, prompt in enumerate(prompts):
-                last = prompt.fill(row)[0]
+            for i, prompt in enumerate(prompts):  # one after another, each in row 0
+                last = prompt.fill(0)[0]
                 fed_logits: list[Tensor] = []
-                if fed[row]:
+                if fed[i]:
                     started = time.perf_counter()
-                    (_, fed_logits), = llm.forward_tree([TreeRow(prompt.length, no_main, fed[row])], row)
+                    (_, fed_logits), = llm.forward_tree([TreeRow(prompt.length, no_main, fed[i])])
                     scoring_s += time.perf_counter() - started
-                out[row] = (last, fed_logits)
+                out[i] = (last, fed_logits)
         else:
-            whole = [i for i, p in enumerate(prompts) if isinstance(p, _Whole)]
-            together = [i for i in range(len(prompts)) if i not in whole]
-            for row, i in enumerate(whole):
-                prompt = prompts[i]
-                assert isinstance(prompt, _Whole)
-                out[i], = llm.forward_tree([TreeRow(0, prompt.embeds[0], fed[i])], row)
-                prompt.keep(row)
-            tree_rows = []
-            for row, i in enumerate(together, len(whole)):
-                prompt = prompts[i]
-                assert isinstance(prompt, _FromPrefix)
-                tree_rows.append(TreeRow(prompt.load(row).length, prompt.tail[0], fed[i]))
-            if tree_rows:
-                out.update(zip(together, llm.forward_tree(tree_rows, len(whole))))
+            rows = self._shared_rows(prompts, fed)
+            for first in range(0, len(rows), llm.max_batch):
+                chunk = rows[first:first + llm.max_batch]
+                whole = [r for r in chunk if isinstance(prompts[r[0]], _Whole)]
+                shared = [r for r in chunk if not isinstance(prompts[r[0]], _Whole)]
+                for row, (i,) in enumerate(whole):
+                    prompt = prompts[i]
+                    assert isinstance(prompt, _Whole)
+                    out[i], = llm.forward_tree([TreeRow(0, prompt.embeds[0], fed[i])], row)
+                    prompt.keep(row)
+                groups = [[p for i in r if isinstance(p := prompts[i], _FromPrefix)] for r in shared]
+                feds = [[fed[i] for i in r] for r in shared]
+                trees = [self._shared_tree_row(row, group, group_fed)
+                         for row, (group, group_fed) in enumerate(zip(groups, feds), len(whole))]
+                if trees:
+                    logits = llm.forward_tree(trees, len(whole))
+                    for r, group, group_fed, row_logits in zip(shared, groups, feds, logits):
+                        out.update(zip(r, _split_shared_logits(group, group_fed, row_logits)))
         scores = []
         for i in range(len(prompts)):
             last, fed_logits = out[i]
             assert last is not None
             scores.append(score(last, fed_logits, choice_ids[i]))
         return scores, scoring_s
+
+    def _shared_rows(self, prompts: Sequence[Prompt], fed: Sequence[list[Tensor]]) -> list[list[int]]:
+        """The cache rows _score fills, in order, each a list of prompt indices: a whole prompt alone; the prompts
+        on one frame's prefix together, until the next one's tail and branches would not fit the frame's row
+        (forward_tree's free slot counted): then a new row for the frame."""
+        rows: list[list[int]] = []
+        frame_rows: dict[Hashable, tuple[int, int]] = {}  # frame: its latest row, the slots that row has used
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, _FromPrefix):
+                rows.append([i])
+                continue
+            tail = prompt.tail.shape[1]
+            needed = tail * max(len(fed[i]), 1) + sum(len(f) for f in fed[i])  # a tail per branch
+            row, used = frame_rows.get(prompt.frame, (-1, 0))
+            if row < 0 or used + needed + 1 > self.max_seq_len:
+                rows.append([])
+                row, used = len(rows) - 1, prompt.length - tail
+            rows[row].append(i)
+            frame_rows[prompt.frame] = (row, used + needed)
+        return rows
+
+    def _shared_tree_row(self, row: int, prompts: list[_FromPrefix], fed: list[list[Tensor]]) -> TreeRow:
+        """The prompts' frame's prefix loaded into row, and the TreeRow of the prompts (with their choices'
+        branches) on top of it: a lone prompt's tail as main; else each prompt's tail as a branch, once per
+        choice branch (the tail, then the choice's tokens) or once when it has none (_split_shared_logits)."""
+        prefix = [prompt.prefix() for prompt in prompts][0]  # every prompt counts its cache hit
+        self.model.llm.write_cache(row, prefix.kv)
+        if len(prompts) == 1:
+            return TreeRow(prefix.length, prompts[0].tail[0], fed[0])
+        tails: list[Tensor] = []
+        for prompt, prompt_fed in zip(prompts, fed):
+            tail = prompt.tail[0]
+            tails += [torch.cat([tail, f]) for f in prompt_fed] if prompt_fed else [tail]
+        return TreeRow(prefix.length, self.model.llm.embed_tokens.weight[:0], tails)
 
     @torch.inference_mode()
     def ask(self, image: Image.Image | np.ndarray, turns: str | Sequence[str],
@@ -486,19 +546,10 @@ class MobileVLMPipeline:
         for ids, row in zip(input_ids, choice_ids):
             self.check_choices_fit(ids, row)
         rows = self._rows(images, input_ids, row_keys, [None] * n)
-        # As many rows at a time as the KV cache holds already (max_batch, or the largest batch asked since), not
-        # more: eight monitors take two passes of four rows rather than twice the cache memory.
-        per_pass = self.model.llm.max_batch
-        log_likelihoods: list[list[float]] = []
-        forwards_s = score_s = 0.0
-        for first in range(0, n, per_pass):
-            started = time.perf_counter()
-            scores, scoring_s = self._score(rows.prompts[first:first + per_pass], choice_ids[first:first + per_pass])
-            forwards_s += time.perf_counter() - started
-            log_likelihoods += scores
-            score_s += scoring_s
+        started = time.perf_counter()
+        log_likelihoods, score_s = self._score(rows.prompts, choice_ids)
         done = time.perf_counter()
-        prefill_s = forwards_s - score_s
+        prefill_s = done - started - score_s
         return [choice_of(choices[b], log_likelihoods[b], input_ids[b], rows.from_prefix[b], {
             **rows.vision_timings(b),
             "prefill_ms": prefill_s * 1e3,
