@@ -220,6 +220,15 @@ class Stats:
 SHUTTING_DOWN_MESSAGE = "the node is shutting down"
 
 
+def _too_long(check: Callable[[], None]) -> str | None:
+    """The PromptTooLongError's message that check raises, or None."""
+    try:
+        check()
+    except PromptTooLongError as e:
+        return str(e)
+    return None
+
+
 class SceneServer:
     """One model, one worker thread, a bounded queue of jobs in front of it."""
 
@@ -303,21 +312,13 @@ class SceneServer:
 
     def prompt_fits(self, prompt: str, max_new_tokens: int) -> str | None:
         """Why a question (or caption prompt) with max_new_tokens cannot run in this model's context, or None."""
-        try:
-            self.pipeline.check_fits(self.pipeline.prompt_ids(prompt), max_new_tokens)
-        except PromptTooLongError as e:
-            return str(e)
-        return None
+        return _too_long(lambda: self.pipeline.check_fits(self.pipeline.prompt_ids(prompt), max_new_tokens))
 
     def choices_fit(self, question: str, choices) -> str | None:
         """Why a question with these choices cannot be scored in this model's context, or None (the pipeline's
         check_choices_fit)."""
-        try:
-            self.pipeline.check_choices_fit(self.pipeline.prompt_ids(question),
-                                            self.pipeline.choice_ids(question, list(choices)))
-        except PromptTooLongError as e:
-            return str(e)
-        return None
+        return _too_long(lambda: self.pipeline.check_choices_fit(self.pipeline.prompt_ids(question),
+                                                                 self.pipeline.choice_ids(question, list(choices))))
 
     def _check(self, request: SceneRequest, camera_id: str, params: SamplingParams) -> SceneResult | None:
         question = request.question.strip()

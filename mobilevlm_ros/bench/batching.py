@@ -133,6 +133,12 @@ def run(spec: dict) -> dict:
 
 # ---- the command line's side (mobilevlm dev bench --batch-curve): specs, ratios, table, plot ----
 
+def code_before_of(results: list[dict], r: dict) -> dict | None:
+    """The result of the code before (--code-before) on r's model and configuration, if one is in results."""
+    return next((b for b in results if b.get("code_before") and b["model"] == r["model"]
+                 and b["config"] == r["config"]), None)
+
+
 def batch_ratios(results: list[dict]) -> dict:
     """Per model, per configuration and batch size: batched over sequential tokens/s (decode and end to end), and
     the lone request's time now over the code before batching's where that was measured (<= 1.05 is the target)."""
@@ -145,8 +151,7 @@ def batch_ratios(results: list[dict]) -> dict:
         for point in r.get("curve", []):
             m[f"{r['config']}_batch{point['batch']}_decode_batched_over_sequential"] = point["decode_ratio"]
             m[f"{r['config']}_batch{point['batch']}_e2e_batched_over_sequential"] = point["e2e_ratio"]
-        before = next((b for b in ok if b.get("code_before") and b["model"] == r["model"]
-                       and b["config"] == r["config"]), None)
+        before = code_before_of(ok, r)
         if before:
             m[f"{r['config']}_lone_time_now_over_before"] = r["lone_total_ms"] / before["lone_total_ms"]
             m[f"{r['config']}_lone_decode_now_over_before"] = r["lone_decode_tok_s"] / before["lone_decode_tok_s"]
