@@ -372,10 +372,9 @@ class MobileVLMPipeline:
         the tail, is a branch of it (eight monitors on one new frame: the first one's prefill, then one forward
         for the other seven); those rows go in one forward, after the whole prompts' (which compute the
         prefixes), as many rows at a time as the KV cache holds already (max_batch, or the largest batch asked
-        since), never more: the cache is not grown to score. A decoder that
-        quantises each call's activations (int8-dynamic) would compute a prompt differently with other tokens in
-        its call: there each prompt is filled as generation fills it and its branches run in a forward of their
-        own."""
+        since), never more: the cache is not grown to score. A decoder that quantises each call's activations
+        (int8-dynamic) would compute a prompt differently with other tokens in its call: there each prompt is
+        filled as generation fills it and its branches run in a forward of their own."""
         llm = self.model.llm
         fed = [[llm.embed_tokens(torch.tensor(ids, device=self.device)) for ids in branches(row)]
                for row in choice_ids]
