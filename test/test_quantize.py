@@ -52,6 +52,18 @@ def test_int4_dequantisation_formula():
     assert (out - expected).abs().max().item() < 2e-2 * expected.abs().max().item()
 
 
+def test_weight_bytes_counts_the_weights_not_the_kv_cache():
+    """weight_bytes is what a checkpoint holds: allocating the KV cache and RoPE tables (non-persistent buffers)
+    does not change it (the e2e benchmark's follow-up floor and the GPU check's bandwidth floor divide by it)."""
+    from mobilevlm_ros.bench.models import random_mobilevlm, real_config
+
+    llm = random_mobilevlm(real_config("MobileVLM-1.7B", llm_layers=1), vision=False).llm
+    parameters = sum(p.numel() * p.element_size() for p in llm.parameters())
+    assert weight_bytes(llm) == parameters
+    llm.setup_cache(512, batch=4)
+    assert weight_bytes(llm) == parameters
+
+
 def test_quantize_llm_replaces_every_linear_and_shrinks_weights():
     from mobilevlm_ros.bench.models import random_mobilevlm, real_config
 

@@ -290,8 +290,12 @@ def quantize_llm(llm: nn.Module, mode: str, groupsize: int = 32, include_lm_head
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes held in parameters and buffers, plus fbgemm's packed int8 weights (which live outside both)."""
-    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    """Bytes held in parameters and persistent buffers (a checkpoint's tensors: not the KV cache or the RoPE
+    tables, which are non-persistent buffers), plus fbgemm's packed int8 weights (which live outside both)."""
+    tensors = {id(t): t for t in module.parameters()}
+    for m in module.modules():
+        tensors.update((id(t), t) for name, t in m._buffers.items()
+                       if t is not None and name not in m._non_persistent_buffers_set)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
