@@ -90,13 +90,22 @@ def test_three_robots_in_one_domain_answer_interleaved_requests(tmp_path):
         publisher_thread = threading.Thread(target=publish, daemon=True)
         publisher_thread.start()
         request = AskScene.Request(question=QUESTION, max_new_tokens=8, temperature=-1.0)
+        outcomes: dict[int, list[str]] = defaultdict(list)  # what each probe got: told apart if it never serves
+
         def serving(robot: int) -> bool:
             try:  # short timeouts, retried: a response sent before discovery has fully settled can be lost
-                return graph.call(asks[robot], request, 20).success
+                response = graph.call(asks[robot], request, 20)
             except TimeoutError:
+                outcomes[robot].append("no response in 20 s")
                 return False
+            outcomes[robot].append(response.error_code or "answered")
+            return response.success
         for robot in ROBOTS:  # autostart done and a frame received
-            wait_until(lambda r=robot: serving(r), 240, interval=0.2, what=f"robot{robot} serving")
+            try:
+                wait_until(lambda r=robot: serving(r), 240, interval=0.2, what=f"robot{robot} serving")
+            except TimeoutError as error:
+                raise TimeoutError(f"{error}; its answers: {outcomes[robot]}; frames published: "
+                                   f"{len(stamps[robot])}; its log:\n{processes[robot].log()[-3000:]}") from None
 
         # Interleaved: three rounds over the robots, plus one streamed action goal each in the middle.
         calls = []
