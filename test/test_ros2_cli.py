@@ -237,6 +237,19 @@ def echo_once(graph: Graph, topic: str, msg_type: str, *qos: str) -> dict:
     return echoed_message(output)
 
 
+def goal_succeeded(graph: Graph, ns: str, goal: str) -> tuple[dict, list[dict]]:
+    """`ros2 action send_goal --feedback NS/ask_scene mobilevlm_ros/action/AskScene GOAL` run to its end, which must
+    be SUCCEEDED with success: the result and the feedback it printed."""
+    command = graph.start("action", "send_goal", "--feedback", f"{ns}/ask_scene", "mobilevlm_ros/action/AskScene",
+                          goal)
+    assert command.wait(while_running=graph.launch) == 0, command.output()
+    output = command.output()
+    assert "Goal finished with status: SUCCEEDED" in output, output
+    result = yaml_blocks(output, "Result")[0]
+    assert result["success"], result
+    return result, yaml_blocks(output, "Feedback")
+
+
 def assert_pieces_of(feedback: list[dict], answer: str) -> None:
     """The feedback `ros2 action send_goal --feedback` printed is pieces of the answer, in order. The node publishes
     every piece (tokens_generated 1, 2, ...; its feedback QoS keeps them all), but the CLI may print only some: its
@@ -290,15 +303,10 @@ def test_action_on_the_demo_model_succeeds_and_topics_show_data(robot7):
     caption and /diagnostics topics echo data; /diagnostics names the model that answers: the bundled demo model, as
     the installed config/vlm.yaml (model_path empty) and no model_path:= say (item 2)."""
     answer(robot7, "/robot7", "Describe the scene.")  # served, with a frame
-    goal = robot7.start("action", "send_goal", "--feedback", "/robot7/ask_scene", "mobilevlm_ros/action/AskScene",
-                        "{question: 'Describe the scene.'}")
-    assert goal.wait(while_running=robot7.launch) == 0, goal.output()
-    output = goal.output()
-    assert "Goal finished with status: SUCCEEDED" in output, output
-    result = yaml_blocks(output, "Result")[0]
-    assert result["success"] and result["error_code"] == "", result
+    result, feedback = goal_succeeded(robot7, "/robot7", "{question: 'Describe the scene.'}")
+    assert result["error_code"] == "", result
     # The demo model's caption is ~20 tokens streamed in ~0.1 s: the CLI may miss most of its pieces (see below).
-    assert_pieces_of(yaml_blocks(output, "Feedback"), result["answer"])
+    assert_pieces_of(feedback, result["answer"])
     assert caption_classes(result["answer"]) == caption_classes(SCENE.caption), (result["answer"], SCENE.caption)
 
     caption = echo_once(robot7, "/robot7/caption", "mobilevlm_ros/msg/SceneCaption")
@@ -356,15 +364,9 @@ def test_model_path_argument_loads_that_model_and_cancel_from_the_client(robot8)
 def test_action_feedback_streams_the_answer(robot8):
     """Item 3's streaming: send_goal --feedback on a 300-token answer (the tiny checkpoint stops only at the limit)
     prints the answer in pieces, each the text so far, growing, ending SUCCEEDED with the whole answer."""
-    goal = robot8.start("action", "send_goal", "--feedback", "/robot8/ask_scene", "mobilevlm_ros/action/AskScene",
-                        "{question: 'Describe the scene.', max_new_tokens: 300}")
-    assert goal.wait(while_running=robot8.launch) == 0, goal.output()
-    output = goal.output()
-    assert "Goal finished with status: SUCCEEDED" in output, output
-    result = yaml_blocks(output, "Result")[0]
-    assert result["success"] and result["tokens_generated"] == 300, result
-    feedback = yaml_blocks(output, "Feedback")
-    assert len(feedback) >= 2, output
+    result, feedback = goal_succeeded(robot8, "/robot8", "{question: 'Describe the scene.', max_new_tokens: 300}")
+    assert result["tokens_generated"] == 300, result
+    assert len(feedback) >= 2, (len(feedback), result)
     assert_pieces_of(feedback, result["answer"])
 
 
