@@ -57,14 +57,17 @@ def interrupt(proc: subprocess.Popen, timeout: float = 60.0) -> int:
         return proc.wait()
 
 
-def wait_until(condition, timeout: float = TIMEOUT_S, interval: float = 0.05, what: str = "condition"):
+def wait_until(condition, timeout: float = TIMEOUT_S, interval: float = 0.05, what: str = "condition",
+               details=None):
+    """condition()'s first truthy value within timeout. details: a callable whose text the TimeoutError adds (what
+    the tries saw), to tell apart why a condition never held."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}" + (f"; {details()}" if details else ""))
 
 
 class NodeProcess:
@@ -156,10 +159,8 @@ class Graph:
                 return False
             assert response.error_code == "UNKNOWN_CAMERA", (response.error_code, response.error_message)
             return True
-        try:
-            wait_until(serving, timeout, interval=0.2, what=f"{client.srv_name} serving")
-        except TimeoutError as error:
-            raise TimeoutError(f"{error} (probe answers: {answers or 'none'})") from None
+        wait_until(serving, timeout, interval=0.2, what=f"{client.srv_name} serving",
+                   details=lambda: f"probe answers: {answers or 'none'}")
 
     def call(self, client, request, timeout: float = TIMEOUT_S):
         return self.result(client.call_async(request), timeout)

@@ -101,11 +101,9 @@ def test_three_robots_in_one_domain_answer_interleaved_requests(tmp_path):
             outcomes[robot].append(response.error_code or "answered")
             return response.success
         for robot in ROBOTS:  # autostart done and a frame received
-            try:
-                wait_until(lambda r=robot: serving(r), 240, interval=0.2, what=f"robot{robot} serving")
-            except TimeoutError as error:
-                raise TimeoutError(f"{error}; its answers: {outcomes[robot]}; frames published: "
-                                   f"{len(stamps[robot])}; its log:\n{processes[robot].log()[-3000:]}") from None
+            wait_until(lambda r=robot: serving(r), 240, interval=0.2, what=f"robot{robot} serving",
+                       details=lambda r=robot: f"its answers: {outcomes[r]}; frames published: {len(stamps[r])}; "
+                                               f"its log:\n{processes[r].log()[-3000:]}")
 
         # Interleaved: three rounds over the robots, plus one streamed action goal each in the middle.
         calls = []

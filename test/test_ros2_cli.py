@@ -305,7 +305,8 @@ def test_action_on_the_demo_model_succeeds_and_topics_show_data(robot7):
     answer(robot7, "/robot7", "Describe the scene.")  # served, with a frame
     result, feedback = goal_succeeded(robot7, "/robot7", "{question: 'Describe the scene.'}")
     assert result["error_code"] == "", result
-    # The demo model's caption is ~20 tokens streamed in ~0.1 s: the CLI may miss most of its pieces (see below).
+    # The demo model's caption is ~20 tokens streamed in ~0.1 s: the CLI may miss most of its pieces (assert_pieces_of
+    # says why).
     assert_pieces_of(feedback, result["answer"])
     assert caption_classes(result["answer"]) == caption_classes(SCENE.caption), (result["answer"], SCENE.caption)
 
